@@ -1,0 +1,48 @@
+"""sylva_jax: Sylva sparse embedded adapters for JAX/Flax.
+
+Public names are imported lazily so that ``import sylva_jax`` stays cheap and never pulls
+in optional GPU packages (jax-triton) or heavy dependencies before they are needed.
+"""
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it
+_EXPORTS = {
+    # models
+    "LlamaConfig": "sylva_jax.models.llama",
+    "LlamaForCausalLM": "sylva_jax.models.llama",
+    "load_pretrained": "sylva_jax.models.loading",
+    "save_pretrained": "sylva_jax.models.loading",
+    # pre-processing
+    "preprocess": "sylva_jax.capture",
+    "select_blocks": "sylva_jax.importance",
+    "compute_masks": "sylva_jax.importance",
+    "save_masks": "sylva_jax.masks",
+    "load_masks": "sylva_jax.masks",
+    "mask_report": "sylva_jax.masks",
+    # adapters and training
+    "make_adapter": "sylva_jax.adapter",
+    "Adapter": "sylva_jax.adapter",
+    "sparse_adamw": "sylva_jax.optim",
+    "make_train_step": "sylva_jax.train",
+    "save_adapter": "sylva_jax.checkpoint",
+    "load_adapter": "sylva_jax.checkpoint",
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'sylva_jax' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return __all__
