@@ -1,0 +1,197 @@
+"""The SDD product and the embedded linear layer (ALGORITHM.md section 4).
+
+- :func:`sdd` computes only the ``nnz`` kept ``bs x bs`` tiles of ``dW = dy^T x``
+  (a "sampled dense-dense" product), summed over every leading (token) dimension;
+- :func:`embedded_linear` is the linear layer whose trainable tiles live inside the frozen
+  weight ``W``: forward ``y = x W^T + b`` (dense), backward ``dx = dy W`` (dense) and
+  ``dTiles = sdd(dy, x)``; no cotangent for ``W`` or ``b`` is ever formed.
+
+Layout is Hugging Face ``[out, in]``; tile ``(r, c)`` is ``W[r*bs:(r+1)*bs, c*bs:(c+1)*bs]``.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sylva_jax.kernels import on_gpu
+
+__all__ = ["BACKENDS", "resolve_backend", "sdd", "embedded_linear", "dense_linear"]
+
+BACKENDS = ("auto", "xla", "pallas", "triton")
+
+# On a GPU "auto" picks the Pallas kernel (Triton-lowered). It has not been measured
+# against the XLA gather+einsum path on a GPU yet (no GPU was available when this was
+# written); experiments/bench_sdd.py measures both wherever it runs.
+GPU_AUTO_BACKEND = "pallas"
+
+
+def resolve_backend(backend: str) -> str:
+    """``"auto"`` -> ``"xla"`` on CPU/TPU, :data:`GPU_AUTO_BACKEND` on a GPU."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown sdd backend {backend!r}; choose one of {BACKENDS}")
+    if backend == "auto":
+        return GPU_AUTO_BACKEND if on_gpu() else "xla"
+    return backend
+
+
+def _is_concrete(a) -> bool:
+    return not isinstance(a, jax.core.Tracer)
+
+
+def _check_coords(rows, cols, n_row_blocks: int, n_col_blocks: int):
+    rows = jnp.asarray(rows) if not hasattr(rows, "dtype") else rows
+    cols = jnp.asarray(cols) if not hasattr(cols, "dtype") else cols
+    if rows.ndim != 1 or cols.ndim != 1 or rows.shape != cols.shape:
+        raise ValueError(
+            f"rows and cols must be 1-D arrays of the same length (one entry per tile); got "
+            f"shapes {tuple(rows.shape)} and {tuple(cols.shape)}")
+    if not (jnp.issubdtype(rows.dtype, jnp.integer) and jnp.issubdtype(cols.dtype, jnp.integer)):
+        raise TypeError(
+            f"rows and cols must be integer tile coordinates (block units); got dtypes "
+            f"{rows.dtype} and {cols.dtype}")
+    if _is_concrete(rows) and _is_concrete(cols) and rows.shape[0]:
+        r, c = np.asarray(rows), np.asarray(cols)
+        if r.min() < 0 or r.max() >= n_row_blocks or c.min() < 0 or c.max() >= n_col_blocks:
+            raise ValueError(
+                f"tile coordinates out of range: rows must lie in [0, {n_row_blocks}) and cols "
+                f"in [0, {n_col_blocks}) (out // bs and in // bs); got rows in "
+                f"[{r.min()}, {r.max()}], cols in [{c.min()}, {c.max()}]")
+    return rows.astype(jnp.int32), cols.astype(jnp.int32)
+
+
+def sdd(dy: jax.Array, x: jax.Array, rows, cols, *, block_size: int,
+        backend: str = "auto", out_dtype=jnp.float32,
+        interpret: bool | None = None) -> jax.Array:
+    """Sampled dense-dense product: the kept tiles of ``dW = dy^T x`` (ALGORITHM.md s. 4).
+
+    Args:
+      dy: ``[..., out]`` output gradients.
+      x: ``[..., in]`` layer inputs, same leading (token) dimensions as ``dy``.
+      rows, cols: ``int[nnz]`` tile coordinates in block units (may be traced).
+      block_size: tile side ``bs``; must divide ``out`` and ``in``.
+      backend: ``"xla"``, ``"pallas"``, ``"triton"`` (GPU only) or ``"auto"``
+        (``xla`` on CPU, ``pallas`` on GPU).
+      out_dtype: dtype of the result; accumulation is float32 whatever the inputs.
+      interpret: Pallas only; ``None`` = interpret unless running on a GPU.
+
+    Returns:
+      ``[nnz, bs, bs]``; tile ``n`` is
+      ``sum over leading dims of dy[..., rows[n]*bs:(rows[n]+1)*bs]^T x[..., cols[n]*bs:...]``.
+    """
+    dy = jnp.asarray(dy)
+    x = jnp.asarray(x)
+    if dy.ndim < 2 or x.ndim < 2 or dy.shape[:-1] != x.shape[:-1]:
+        raise ValueError(
+            f"sdd needs dy [..., out] and x [..., in] with the same leading (token) "
+            f"dimensions and at least one of them; got dy {tuple(dy.shape)} and x "
+            f"{tuple(x.shape)}")
+    bs = int(block_size)
+    d_out, d_in = dy.shape[-1], x.shape[-1]
+    if bs <= 0 or d_out % bs or d_in % bs:
+        raise ValueError(
+            f"block_size {block_size} must be positive and divide out={d_out} and in={d_in}; "
+            "pick a block size that divides both weight dimensions")
+    rows, cols = _check_coords(rows, cols, d_out // bs, d_in // bs)
+    backend = resolve_backend(backend)
+    nnz = rows.shape[0]
+    dy2 = dy.reshape(-1, d_out)
+    x2 = x.reshape(-1, d_in)
+    if nnz == 0:
+        return jnp.zeros((0, bs, bs), out_dtype)
+    if dy2.shape[0] == 0:
+        return jnp.zeros((nnz, bs, bs), out_dtype)
+    if backend == "xla":
+        from sylva_jax.kernels.sdd_xla import sdd_xla
+
+        return sdd_xla(dy2, x2, rows, cols, block_size=bs, out_dtype=out_dtype)
+    if backend == "pallas":
+        from sylva_jax.kernels.sdd_pallas import sdd_pallas
+
+        interp = (not on_gpu()) if interpret is None else bool(interpret)
+        return sdd_pallas(dy2, x2, rows, cols, block_size=bs, out_dtype=out_dtype,
+                          interpret=interp)
+    from sylva_jax.kernels.sdd_triton import sdd_triton
+
+    return sdd_triton(dy2, x2, rows, cols, block_size=bs, out_dtype=out_dtype)
+
+
+def _result_dtype(x, w):
+    return jnp.result_type(x.dtype, w.dtype)
+
+
+def dense_linear(x: jax.Array, w: jax.Array, b: jax.Array | None = None) -> jax.Array:
+    """``y = x @ w.T (+ b)`` with float32 accumulation. x: ``[..., in]``, w: ``[out, in]``,
+    b: ``[out]``; result in ``result_type(x, w)``. The model's plain dense product."""
+    y = jax.lax.dot_general(x, w, (((x.ndim - 1,), (1,)), ((), ())),
+                            preferred_element_type=jnp.float32)
+    if b is not None:
+        y = y + b.astype(jnp.float32)
+    return y.astype(_result_dtype(x, w))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+def _embedded(x, w, tiles, rows, cols, b, block_size, backend):
+    del tiles, rows, cols, block_size, backend  # the tile values are already inside w
+    return dense_linear(x, w, b)
+
+
+def _embedded_fwd(x, w, tiles, rows, cols, b, block_size, backend):
+    y = dense_linear(x, w, b)
+    # residuals: x and w for the backward products; tiles only for its dtype/shape
+    return y, (x, w, tiles, rows, cols)
+
+
+def _embedded_bwd(block_size, backend, res, dy):
+    x, w, tiles, rows, cols = res
+    dx = jax.lax.dot_general(dy, w, (((dy.ndim - 1,), (0,)), ((), ())),
+                             preferred_element_type=jnp.float32).astype(x.dtype)
+    dtiles = sdd(dy, x, rows, cols, block_size=block_size, backend=backend,
+                 out_dtype=jnp.float32).astype(tiles.dtype)
+    # None: no cotangent for w, rows, cols or b (a symbolic zero; nothing [out, in] is built)
+    return dx, None, dtiles, None, None, None
+
+
+_embedded.defvjp(_embedded_fwd, _embedded_bwd)
+
+
+def embedded_linear(x: jax.Array, w: jax.Array, tiles: jax.Array, rows, cols,
+                    b: jax.Array | None = None, *, block_size: int,
+                    backend: str = "auto") -> jax.Array:
+    """Linear layer with trainable tiles embedded in a frozen weight (ALGORITHM.md s. 4).
+
+    Args:
+      x: ``[..., in]`` inputs (compute dtype).
+      w: ``[out, in]`` weight that already contains the current tile values.
+      tiles: ``[nnz, bs, bs]``; only receives the gradient, its forward value is unused
+        (it must equal the tiles of ``w`` for the gradient to be the true one).
+      rows, cols: ``int32[nnz]`` tile coordinates (block units).
+      b: ``[out]`` bias or ``None``.
+      block_size: ``bs``; backend: SDD backend (see :func:`sdd`).
+
+    Returns:
+      ``y = x @ w.T (+ b)``: ``[..., out]`` in ``result_type(x, w)``, float32 accumulation.
+
+    Gradients: ``dx = dy @ w`` (dense), ``dtiles = sdd(dy, x, rows, cols)`` cast to
+    ``tiles.dtype``; ``w`` and ``b`` are frozen (zero cotangent, never materialised).
+    """
+    if w.ndim != 2:
+        raise ValueError(f"embedded_linear needs a 2-D weight [out, in]; got shape {w.shape}")
+    if x.shape[-1] != w.shape[1]:
+        raise ValueError(
+            f"x has {x.shape[-1]} input features but the weight is [out, in] = {tuple(w.shape)}; "
+            "the weight must be in [out, in] layout (transpose Linen [in, out] kernels)")
+    bs = int(block_size)
+    if tiles.ndim != 3 or tiles.shape[1:] != (bs, bs):
+        raise ValueError(f"tiles must be [nnz, {bs}, {bs}]; got {tuple(tiles.shape)}")
+    rows, cols = _check_coords(rows, cols, w.shape[0] // bs, w.shape[1] // bs)
+    if rows.shape[0] != tiles.shape[0]:
+        raise ValueError(
+            f"{tiles.shape[0]} tiles but {rows.shape[0]} coordinates; they must match")
+    if w.shape[0] % bs or w.shape[1] % bs:
+        raise ValueError(f"block_size {bs} must divide the weight shape {tuple(w.shape)}")
+    if b is not None and b.shape != (w.shape[0],):
+        raise ValueError(f"bias must have shape ({w.shape[0]},); got {tuple(b.shape)}")
+    return _embedded(x, w, tiles, rows, cols, b, bs, resolve_backend(backend))
