@@ -1,0 +1,603 @@
+"""Calibration passes: per-layer curvature factors and mean weight gradients.
+
+Implements ``../shared/docs/ALGORITHM.md`` section 0 step 1 and section 1. For every linear
+layer in scope (weight ``W [out, in]``, ``y = x W^T + b``) and every calibration sample ``n``:
+
+- ``a_n = mean over the sample's real tokens of x``          (``[in]``),
+- ``g_n = mean over the sample's real tokens of dL_n/dy``    (``[out]``),
+
+where ``L_n`` is that sample's own mean token loss (``lm_loss(..., reduction="sample_sum")``
+makes the gradient w.r.t. anything per-sample exactly that sample's gradient, whatever the
+batch size). The factors receive one rank-1 update per sample, ``A += a_n a_n^T`` and
+``G += g_n g_n^T`` (sums, as in section 1; no ``1/N``), in sample order, and the mean weight
+gradient is ``Gbar = (1/N) sum_n dL_n/dW`` (dense ``[out, in]``).
+
+``factor="tokens"`` replaces the token means by per-token outer products (the K-FAC
+definition): ``A += sum_t x_t x_t^T`` and ``G += sum_t g_t g_t^T`` with ``g_t = dL_n/dy_t``,
+over real tokens only.
+
+How it is captured (no change to the model): a ``linear_fn`` hook computes the plain
+product and, for layers in scope, (1) returns the masked token mean of ``x`` as an auxiliary
+output and (2) adds a zero *probe* ``e [B, out]`` (``[B, T, out]`` for ``"tokens"``),
+broadcast over tokens and multiplied by the attention mask, to the layer output. The
+derivative of the loss w.r.t. the probe is then the per-sample sum of ``dL/dy`` over real
+tokens. Only the weights in scope and the probes are differentiated; the other parameters are
+plain (non-differentiated) arguments.
+
+Factors of the same dimension (for example the input factors of every q/k/v/gate/up
+projection) are stacked and updated with one ``vmap``-ed call inside the same jitted step as
+the forward/backward pass, so a step is one XLA program per batch shape whatever the number of
+layers. Nothing per-sample is kept across batches.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import math
+import re
+import warnings
+from typing import Any, Callable, Iterable, Iterator, Mapping, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sylva_jax import tree as tree_lib
+from sylva_jax.losses import lm_loss
+
+__all__ = [
+    "LayerStats",
+    "Stats",
+    "preprocess",
+    "linear_layers",
+    "match_scope",
+    "sample_statistics",
+    "scoped_weights",
+]
+
+FACTORS = ("mean", "tokens")
+FACTOR_KINDS = ("hodlr", "dense", "diagonal")
+
+
+def _hierarchy():
+    """The factor module (``sylva_jax.hierarchy``); imported lazily."""
+    return importlib.import_module("sylva_jax.hierarchy")
+
+
+# --------------------------------------------------------------------------------------
+# The model in functional form
+# --------------------------------------------------------------------------------------
+
+
+class _Functional(NamedTuple):
+    """``apply(params, extra, input_ids, attention_mask, linear_fn) -> logits [B, T, V]``.
+
+    ``params``: the parameter pytree whose leaves are named by ``tree.flatten``;
+    ``extra``: any other state the model needs (non-differentiated).
+    """
+
+    apply: Callable
+    params: Any
+    extra: Any
+
+
+def _functional(model) -> _Functional:
+    """Accepts a Flax NNX module, ``(graphdef, params)`` from ``models.llama.split`` or
+    ``(apply_fn, params)`` with ``apply_fn(params, input_ids, attention_mask, *, linear_fn)``."""
+    if isinstance(model, _Functional):
+        return model
+    from flax import nnx
+
+    if isinstance(model, nnx.Module):
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+        def apply(p, extra, ids, am, linear_fn):
+            return nnx.merge(graphdef, p, extra)(ids, am, linear_fn=linear_fn)
+
+        return _Functional(apply, params, rest)
+    if isinstance(model, tuple) and len(model) == 2:
+        head, params = model
+        if isinstance(head, nnx.GraphDef):
+            llama = importlib.import_module("sylva_jax.models.llama")
+
+            def apply(p, extra, ids, am, linear_fn):
+                return llama.apply(head, p, ids, am, linear_fn=linear_fn)
+
+            return _Functional(apply, params, None)
+        if callable(head):
+
+            def apply(p, extra, ids, am, linear_fn):
+                return head(p, ids, am, linear_fn=linear_fn)
+
+            return _Functional(apply, params, None)
+    raise TypeError(
+        f"cannot run calibration passes on a {type(model).__name__}: pass a Flax NNX module "
+        "(e.g. LlamaForCausalLM), the (graphdef, params) pair from sylva_jax.models.llama.split, "
+        "or (apply_fn, params) with apply_fn(params, input_ids, attention_mask, *, linear_fn)"
+    )
+
+
+def _dense(x, w, b):
+    """The plain linear product ``x W^T + b`` (``x [..., in]``, ``w [out, in]``)."""
+    y = jnp.einsum("...i,oi->...o", x, w.astype(x.dtype))
+    if b is not None:
+        y = y + b.astype(y.dtype)
+    return y
+
+
+class _LinearInfo(NamedTuple):
+    shape: tuple  # weight [out, in]
+    x_ndim: int
+    calls: int
+
+
+def _discover(fn: _Functional, seq_len: int = 8) -> dict[str, _LinearInfo]:
+    """Every 2-D weight the model passes to ``linear_fn``, found by an abstract trace."""
+    seen: dict[str, list] = {}
+
+    def hook(name, x, w, b):
+        if getattr(w, "ndim", 0) == 2:
+            entry = seen.setdefault(name, [tuple(w.shape), x.ndim, 0])
+            entry[2] += 1
+        return _dense(x, w, b)
+
+    ids = jax.ShapeDtypeStruct((1, seq_len), jnp.int32)
+    jax.eval_shape(lambda p, e, i: fn.apply(p, e, i, jnp.ones(i.shape, jnp.int32), hook),
+                   fn.params, fn.extra, ids)
+    return {k: _LinearInfo(*v) for k, v in seen.items()}
+
+
+def linear_layers(model) -> dict[str, tuple[int, int]]:
+    """``{weight path: (out, in)}`` of every linear layer the model routes through
+    ``linear_fn`` (embeddings and norms never appear), in call order."""
+    return {k: v.shape for k, v in _discover(_functional(model)).items()}
+
+
+def match_scope(scope, names: Iterable[str]) -> list[str]:
+    """The names selected by ``scope``, in the order given.
+
+    ``scope`` is
+    - a plain string: a *substring* test (``"self_attn"``, ``"model.layers"``), the seed's
+      semantics;
+    - a string starting with ``"re:"`` or a compiled ``re.Pattern``: a regular expression
+      matched with ``re.search`` (``"re:layers\\.(0|1)\\..*proj"``);
+    - a sequence of the above: their union.
+    Raises ``ValueError`` listing the available names when nothing matches.
+    """
+    names = list(names)
+    preds = _scope_predicates(scope)
+    chosen = [n for n in names if any(p(n) for p in preds)]
+    if not chosen:
+        listing = "\n  ".join(names) if names else "(none)"
+        raise ValueError(
+            f"scope {scope!r} matches no linear layer. Use a substring of one of these weight "
+            f"names, or 're:<regex>' for a regular expression:\n  {listing}"
+        )
+    return chosen
+
+
+def _scope_predicates(scope) -> list[Callable[[str], bool]]:
+    if isinstance(scope, re.Pattern):
+        return [lambda n, s=scope: s.search(n) is not None]
+    if isinstance(scope, str):
+        if not scope:
+            raise ValueError("scope is empty; give a substring such as 'self_attn' or 'model.layers'")
+        if scope.startswith("re:"):
+            try:
+                pat = re.compile(scope[3:])
+            except re.error as e:
+                raise ValueError(f"scope {scope!r}: invalid regular expression ({e})") from None
+            return [lambda n, s=pat: s.search(n) is not None]
+        return [lambda n, s=scope: s in n]
+    if isinstance(scope, (list, tuple)) and scope:
+        return [p for s in scope for p in _scope_predicates(s)]
+    raise TypeError(
+        f"scope must be a substring, 're:<regex>', a compiled re.Pattern or a list of those; "
+        f"got {scope!r}"
+    )
+
+
+def _resolve_scope(fn: _Functional, scope) -> dict[str, _LinearInfo]:
+    infos = _discover(fn)
+    chosen = match_scope(scope, infos.keys())
+    for n in chosen:
+        if infos[n].calls != 1:
+            raise ValueError(
+                f"linear layer {n!r} is applied {infos[n].calls} times per forward pass (a shared "
+                "or tied weight); its per-sample statistics are not defined. Narrow the scope "
+                "to exclude it."
+            )
+        if infos[n].x_ndim != 3:
+            raise ValueError(
+                f"linear layer {n!r} receives inputs of rank {infos[n].x_ndim}; capture needs "
+                "x [B, T, in]"
+            )
+    return {n: infos[n] for n in chosen}
+
+
+def scoped_weights(model, scope) -> dict[str, jax.Array]:
+    """``{weight path: W [out, in]}`` for the linear layers in ``scope``."""
+    fn = _functional(model)
+    names = _resolve_scope(fn, scope)
+    flat = tree_lib.flatten(fn.params)
+    missing = [n for n in names if n not in flat]
+    if missing:
+        raise ValueError(
+            f"linear_fn names {missing} are not parameter paths of the model; the hook contract "
+            "(docs/ARCHITECTURE.md) requires name == the weight's path"
+        )
+    return {n: flat[n] for n in names}
+
+
+# --------------------------------------------------------------------------------------
+# Per-batch statistics (section 1)
+# --------------------------------------------------------------------------------------
+
+
+def _merge(params, scoped: Mapping[str, jax.Array]):
+    return tree_lib.map_flat(lambda n, x: scoped[n] if n in scoped else x, params)
+
+
+def _batch_statistics(fn: _Functional, scoped, params, extra, input_ids, attention_mask,
+                      labels, *, factor: str):
+    """Traceable core of :func:`sample_statistics`.
+
+    Returns ``(acts, grads_y, grads_w)`` dicts keyed by layer:
+    ``factor="mean"``:   ``acts [B, in]`` token means, ``grads_y [B, out]`` token means of
+                         ``dL_n/dy``;
+    ``factor="tokens"``: ``acts [B, T, in]`` and ``grads_y [B, T, out]``, zero at padding;
+    ``grads_w [out, in]`` float32 = ``sum_n dL_n/dW`` over the batch.
+    """
+    B, T = input_ids.shape
+    m = attention_mask.astype(jnp.float32)
+    inv_count = 1.0 / jnp.maximum(m.sum(axis=1), 1.0)  # [B]
+    if factor == "mean":
+        probes = {n: jnp.zeros((B, w.shape[0]), jnp.float32) for n, w in scoped.items()}
+    else:
+        probes = {n: jnp.zeros((B, T, w.shape[0]), jnp.float32) for n, w in scoped.items()}
+
+    def loss_fn(diff):
+        ws, ps = diff
+        acts = {}
+
+        def hook(name, x, w, b):
+            y = _dense(x, w, b)
+            if name in ps:
+                xf = x.astype(jnp.float32)
+                if factor == "mean":
+                    acts[name] = jnp.einsum("bti,bt->bi", xf, m) * inv_count[:, None]
+                    e = ps[name][:, None, :] * m[:, :, None]
+                else:
+                    acts[name] = xf * m[:, :, None]
+                    e = ps[name] * m[:, :, None]
+                y = y + e.astype(y.dtype)
+            return y
+
+        logits = fn.apply(_merge(params, ws), extra, input_ids, attention_mask, hook)
+        return lm_loss(logits, labels, reduction="sample_sum"), acts
+
+    (gw, gp), acts = jax.grad(loss_fn, has_aux=True)((scoped, probes))
+    if factor == "mean":
+        gy = {n: g * inv_count[:, None] for n, g in gp.items()}
+    else:
+        gy = gp
+    gw = {n: g.astype(jnp.float32) for n, g in gw.items()}
+    return acts, gy, gw
+
+
+def sample_statistics(model, batch: Mapping[str, Any], *, scope, factor: str = "mean"):
+    """Per-sample statistics of one batch (section 1), without accumulation.
+
+    Returns ``(a, g, grad_w)``: dicts keyed by weight path with ``a [B, in]``,
+    ``g [B, out]`` (``[B, T, in]`` / ``[B, T, out]`` for ``factor="tokens"``, zero at
+    padding) and ``grad_w [out, in] = sum_n dL_n/dW``. Meant for inspection and tests;
+    :func:`preprocess` fuses the same computation with the factor updates.
+    """
+    _check_choice("factor", factor, FACTORS)
+    fn = _functional(model)
+    names = _resolve_scope(fn, scope)
+    scoped = {n: w for n, w in tree_lib.flatten(fn.params).items() if n in names}
+    ids, am, labels = _check_batch(batch, 0)
+    f = jax.jit(lambda s, p, e, i, a, l: _batch_statistics(fn, s, p, e, i, a, l, factor=factor))
+    return f(scoped, fn.params, fn.extra, ids, am, labels)
+
+
+# --------------------------------------------------------------------------------------
+# Results
+# --------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class LayerStats:
+    """Statistics of one linear layer ``W [out, in]``.
+
+    A, G: factor pytrees (``sylva_jax.hierarchy``) of dimension ``in`` / ``out``, or ``None``
+    in a weights-only ``Stats`` (methods ``magnitude`` / ``random``);
+    grad_mean: ``Gbar [out, in]`` float32; weight: the model's ``W [out, in]`` (a reference,
+    not a copy); A_dense / G_dense: exact dense ``[in, in]`` / ``[out, out]`` factors when
+    requested (``keep_dense=True`` or ``factor_kind="dense"``), for the ``kfac`` baseline.
+    """
+
+    name: str
+    weight: jax.Array
+    A: Any = None
+    G: Any = None
+    grad_mean: jax.Array | None = None
+    num_samples: int = 0
+    A_dense: jax.Array | None = None
+    G_dense: jax.Array | None = None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.weight.shape)
+
+
+@dataclasses.dataclass
+class Stats(Mapping):
+    """Result of :func:`preprocess`: a read-only mapping ``{weight path: LayerStats}`` plus
+    the settings it was computed with. ``inv_diags(damping, relative)`` returns (and caches)
+    ``{name: (diag((A+lI)^-1) [in], diag((G+lI)^-1) [out])}``."""
+
+    layers: dict[str, LayerStats]
+    scope: Any = None
+    num_samples: int = 0
+    factor: str = "mean"
+    factor_kind: str = "hodlr"
+    num_partition: int = 8
+    damping: float = 1e-6
+    relative_damping: bool = False
+    total_params: int = 0
+    _inv_cache: dict = dataclasses.field(default_factory=dict, repr=False)
+
+    def __getitem__(self, name: str) -> LayerStats:
+        return self.layers[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.layers)
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    @property
+    def has_factors(self) -> bool:
+        return all(s.A is not None for s in self.layers.values())
+
+    def inv_diags(self, damping: float | None = None, relative: bool | None = None):
+        damping = self.damping if damping is None else float(damping)
+        relative = self.relative_damping if relative is None else bool(relative)
+        if not self.has_factors:
+            raise ValueError("these Stats hold no curvature factors (weights-only); run preprocess()")
+        key = (damping, relative)
+        if key not in self._inv_cache:
+            self._inv_cache[key] = _inv_diags(
+                {n: (s.A, s.G) for n, s in self.layers.items()}, damping, relative)
+        return self._inv_cache[key]
+
+    def factor_nbytes(self) -> dict[str, int]:
+        """Bytes held by the factors (``hierarchy.nbytes``) vs dense ``[d, d]`` float32."""
+        hier = _hierarchy()
+        held = sum(int(hier.nbytes(s.A)) + int(hier.nbytes(s.G)) for s in self.layers.values())
+        dense = sum(4 * (s.shape[0] ** 2 + s.shape[1] ** 2) for s in self.layers.values())
+        return {"factors": held, "dense_equivalent": dense}
+
+
+def _inv_diags(factors: dict, damping: float, relative: bool) -> dict:
+    hier = _hierarchy()
+
+    @jax.jit
+    def f(fs):
+        return {n: (hier.inv_diag(A, damping=damping, relative=relative),
+                    hier.inv_diag(G, damping=damping, relative=relative))
+                for n, (A, G) in fs.items()}
+
+    return f(factors)
+
+
+# --------------------------------------------------------------------------------------
+# preprocess
+# --------------------------------------------------------------------------------------
+
+
+def _check_choice(what, value, allowed):
+    if value not in allowed:
+        raise ValueError(f"unknown {what} {value!r}; use one of {', '.join(map(repr, allowed))}")
+
+
+def _check_batch(batch, index):
+    if not isinstance(batch, Mapping) or "input_ids" not in batch:
+        raise ValueError(
+            f"calibration batch {index} must be a dict with 'input_ids', 'attention_mask' and "
+            f"'labels' (see sylva_jax/losses.py); got {type(batch).__name__}"
+        )
+    ids = np.asarray(batch["input_ids"])
+    if ids.ndim != 2:
+        raise ValueError(f"batch {index}: input_ids must be [B, T], got shape {ids.shape}")
+    if "labels" not in batch:
+        raise ValueError(
+            f"batch {index} has no 'labels'; give labels [B, T] aligned with input_ids "
+            "(-100 where no loss is taken), e.g. labels = input_ids with padding set to -100"
+        )
+    am = np.asarray(batch.get("attention_mask", np.ones_like(ids)))
+    labels = np.asarray(batch["labels"])
+    for key, arr in (("attention_mask", am), ("labels", labels)):
+        if arr.shape != ids.shape:
+            raise ValueError(f"batch {index}: {key} has shape {arr.shape}, input_ids {ids.shape}")
+    empty = np.nonzero(am.sum(axis=1) == 0)[0]
+    if empty.size:
+        raise ValueError(
+            f"batch {index}: sample(s) {empty.tolist()} have no real token (attention_mask all "
+            "zero); drop empty samples from the calibration data"
+        )
+    return ids.astype(np.int32), am.astype(np.int32), labels.astype(np.int32)
+
+
+def _take_samples(batches, num_samples: int) -> Iterator[tuple]:
+    """Yields checked ``(ids, am, labels)`` until ``num_samples`` samples, slicing the last."""
+    seen = 0
+    for index, batch in enumerate(batches):
+        if seen >= num_samples:
+            break
+        ids, am, labels = _check_batch(batch, index)
+        take = min(ids.shape[0], num_samples - seen)
+        if take < ids.shape[0]:
+            ids, am, labels = ids[:take], am[:take], labels[:take]
+        seen += take
+        yield ids, am, labels
+
+
+class _Group(NamedTuple):
+    """Factors of one dimension, stacked: slot ``k`` is ``(layer, "A" | "G")``."""
+
+    dim: int
+    slots: tuple
+
+
+def _groups(infos: Mapping[str, _LinearInfo]) -> tuple[_Group, ...]:
+    by_dim: dict[int, list] = {}
+    for n, info in infos.items():
+        out, inn = info.shape
+        by_dim.setdefault(inn, []).append((n, "A"))
+        by_dim.setdefault(out, []).append((n, "G"))
+    return tuple(_Group(d, tuple(s)) for d, s in by_dim.items())
+
+
+def preprocess(
+    model,
+    batches: Iterable[Mapping[str, Any]],
+    *,
+    scope,
+    num_samples: int = 128,
+    num_partition: int = 8,
+    factor: str = "mean",
+    factor_kind: str = "hodlr",
+    damping: float = 1e-6,
+    relative_damping: bool = False,
+    keep_dense: bool = False,
+) -> Stats:
+    """Calibration forward/backward passes (ALGORITHM.md sections 0.1 and 1).
+
+    model: a Flax NNX module whose ``__call__(input_ids, attention_mask, *, linear_fn)``
+        routes every linear layer through ``linear_fn`` (e.g. ``LlamaForCausalLM``), or
+        ``(graphdef, params)`` from ``models.llama.split``, or ``(apply_fn, params)``.
+    batches: iterable of dicts ``input_ids``/``attention_mask``/``labels`` ``[B, T]``, any
+        ``B``; consumed until ``num_samples`` samples (the last batch is sliced). Fewer
+        available: uses them and warns; none: ``ValueError``.
+    scope: which linear weights (see :func:`match_scope`).
+    factor: ``"mean"`` (one rank-1 update per sample with token means, the published choice)
+        or ``"tokens"`` (per-token outer products over real tokens, K-FAC).
+    factor_kind: ``"hodlr"`` | ``"dense"`` | ``"diagonal"`` (``hierarchy.init(kind=...)``).
+    damping, relative_damping: used for the inverse diagonals ``diag((F + l I)^-1)``,
+        computed here for all layers at once and cached in the result.
+    keep_dense: also accumulate exact dense ``A_dense [in, in]`` and ``G_dense [out, out]``
+        in the same pass (for the ``kfac`` baseline; ``O(in^2 + out^2)`` memory per layer,
+        fine for small models). With ``factor_kind="dense"`` they are the factors themselves.
+
+    The result is a :class:`Stats`; factors are sums over samples (not means), the
+    gradient ``grad_mean`` is the mean over samples. Raises ``ValueError`` naming the layer
+    if any statistic is NaN/inf.
+    """
+    _check_choice("factor", factor, FACTORS)
+    _check_choice("factor_kind", factor_kind, FACTOR_KINDS)
+    if int(num_samples) < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    hier = _hierarchy()
+    fn = _functional(model)
+    infos = _resolve_scope(fn, scope)
+    flat = tree_lib.flatten(fn.params)
+    scoped = {n: flat[n] for n in infos}
+    groups = _groups(infos)
+
+    def init_group(g: _Group):
+        h = hier.init(g.dim, num_partition=num_partition, dtype=jnp.float32, kind=factor_kind)
+        return jax.tree.map(lambda x: jnp.broadcast_to(x, (len(g.slots),) + x.shape), h)
+
+    state = {
+        "factors": [init_group(g) for g in groups],
+        "dense": [jnp.zeros((len(g.slots), g.dim, g.dim), jnp.float32) for g in groups]
+        if keep_dense else None,
+        "grad_sum": {n: jnp.zeros(w.shape, jnp.float32) for n, w in scoped.items()},
+    }
+
+    def step(state, scoped, params, extra, ids, am, labels):
+        acts, gy, gw = _batch_statistics(fn, scoped, params, extra, ids, am, labels,
+                                         factor=factor)
+        vecs = {"A": acts, "G": gy}
+        new_f, new_d = [], []
+        for k, g in enumerate(groups):
+            # [slots, B, dim] (mean) or [slots, B*T, dim] (tokens)
+            x = jnp.stack([vecs[which][n].reshape(-1, g.dim) for n, which in g.slots])
+            upd = hier.update if factor == "mean" else hier.update_block
+            new_f.append(jax.vmap(upd)(state["factors"][k], x))
+            if keep_dense:
+                new_d.append(state["dense"][k] + jnp.einsum("lbi,lbj->lij", x, x,
+                                                            precision=jax.lax.Precision.HIGHEST))
+        grad_sum = {n: state["grad_sum"][n] + gw[n] for n in gw}
+        return {"factors": new_f, "dense": new_d if keep_dense else None, "grad_sum": grad_sum}
+
+    step = jax.jit(step, donate_argnums=0)
+
+    seen = 0
+    for ids, am, labels in _take_samples(batches, int(num_samples)):
+        state = step(state, scoped, fn.params, fn.extra, ids, am, labels)
+        seen += ids.shape[0]
+    if seen == 0:
+        raise ValueError("no calibration samples: `batches` yielded nothing")
+    if seen < num_samples:
+        warnings.warn(
+            f"only {seen} calibration samples were available ({num_samples} requested); "
+            "the statistics use those", stacklevel=2)
+
+    layers = _unstack(state, groups, scoped, seen, keep_dense, factor_kind, hier)
+    _check_finite(layers)
+    stats = Stats(
+        layers=layers, scope=scope, num_samples=seen, factor=factor, factor_kind=factor_kind,
+        num_partition=num_partition, damping=float(damping),
+        relative_damping=bool(relative_damping),
+        total_params=int(sum(np.size(x) for x in flat.values())),
+    )
+    _check_finite_inv(stats.inv_diags())
+    return stats
+
+
+def _unstack(state, groups, scoped, seen, keep_dense, factor_kind, hier) -> dict[str, LayerStats]:
+    layers = {n: LayerStats(name=n, weight=w, num_samples=seen) for n, w in scoped.items()}
+    for k, g in enumerate(groups):
+        for j, (n, which) in enumerate(g.slots):
+            h = jax.tree.map(lambda x: x[j], state["factors"][k])
+            setattr(layers[n], which, h)
+            if keep_dense:
+                setattr(layers[n], which + "_dense", state["dense"][k][j])
+            elif factor_kind == "dense":
+                setattr(layers[n], which + "_dense", hier.to_dense(h))
+    inv_n = 1.0 / seen
+    for n, s in layers.items():
+        s.grad_mean = state["grad_sum"][n] * inv_n
+    return layers
+
+
+def _check_finite(layers: Mapping[str, LayerStats]):
+    @jax.jit
+    def finite(ls):
+        return {n: jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(t)]))
+                for n, t in ls.items()}
+
+    tree = {n: {k: v for k, v in (("A", s.A), ("G", s.G), ("grad_mean", s.grad_mean),
+                                 ("A_dense", s.A_dense), ("G_dense", s.G_dense))
+                if v is not None}
+            for n, s in layers.items()}
+    bad = [n for n, ok in finite(tree).items() if not bool(ok)]
+    if bad:
+        raise ValueError(
+            f"non-finite (NaN/inf) calibration statistics in layer(s) {bad}; check the model "
+            "(overflow in low precision?) and the calibration data (labels, masks)"
+        )
+
+
+def _check_finite_inv(inv: Mapping[str, tuple]):
+    bad = [n for n, (ia, ig) in inv.items()
+           if not (bool(jnp.all(jnp.isfinite(ia))) and bool(jnp.all(jnp.isfinite(ig))))]
+    if bad:
+        raise ValueError(
+            f"non-finite inverse-curvature diagonals in layer(s) {bad}; increase `damping` "
+            "or use relative_damping=True"
+        )
