@@ -1,0 +1,234 @@
+"""Sparse AdamW over the trainable tiles (ALGORITHM.md section 4).
+
+Two interchangeable paths with the same state (:class:`SparseAdamWState`):
+
+- :func:`sparse_adamw`: an optax ``GradientTransformation`` over the tiles pytree
+  ``{path: [nnz, bs, bs]}``; its updates go into the weights with
+  :meth:`sylva_jax.adapter.Adapter.apply_updates` (an XLA scatter, in place under jit with
+  donation). Composable with ``optax.chain`` (clipping, ...). Works everywhere.
+- :func:`fused_sparse_adamw_step` / :func:`fused_sparse_adamw_update`: a Pallas kernel,
+  one program per tile, that reads the tile of ``W``, updates ``m`` and ``v`` and writes
+  the tile back into ``W`` in place (``input_output_aliases``). For GPUs (lowered through
+  Triton); runs interpreted on CPU (tests).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Mapping, NamedTuple, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.experimental import pallas as pl
+
+from sylva_jax import tree as tree_lib
+from sylva_jax.kernels import on_gpu
+
+__all__ = ["SparseAdamWState", "sparse_adamw", "fused_sparse_adamw_step",
+           "fused_sparse_adamw_update"]
+
+ScalarOrSchedule = Union[float, jax.Array, Callable[[jax.Array], jax.Array]]
+
+
+class SparseAdamWState(NamedTuple):
+    """``count``: int32 scalar, updates done so far; ``mu``, ``nu``: pytrees like the tiles
+    (``[nnz, bs, bs]`` per weight), float32 unless ``mu_dtype`` is given for ``mu``."""
+
+    count: jax.Array
+    mu: Any
+    nu: Any
+
+
+def _lr_at(learning_rate: ScalarOrSchedule, count):
+    return learning_rate(count) if callable(learning_rate) else learning_rate
+
+
+def _check_hparams(b1, b2, eps, weight_decay):
+    if not (0.0 <= b1 < 1.0 and 0.0 <= b2 < 1.0):
+        raise ValueError(f"betas must lie in [0, 1); got b1={b1}, b2={b2}")
+    if eps < 0 or weight_decay < 0:
+        raise ValueError(f"eps and weight_decay must be >= 0; got eps={eps}, "
+                         f"weight_decay={weight_decay}")
+
+
+def sparse_adamw(learning_rate: ScalarOrSchedule, b1: float = 0.9, b2: float = 0.999,
+                 eps: float = 1e-6, weight_decay: float = 0.0, *,
+                 mu_dtype=None) -> optax.GradientTransformation:
+    """AdamW with decoupled weight decay (Loshchilov & Hutter, "Decoupled Weight Decay
+    Regularization", ICLR 2019) over the tiles pytree.
+
+    With ``g`` the tile gradient, ``p`` the current tile and ``t`` the 1-based step:
+    ``m <- b1 m + (1 - b1) g``, ``v <- b2 v + (1 - b2) g^2``,
+    ``m_hat = m / (1 - b1^t)``, ``v_hat = v / (1 - b2^t)``, and the returned update is
+    ``-lr_t * (m_hat / (sqrt(v_hat) + eps) + weight_decay * p)`` (add it with
+    ``adapter.apply_updates``). Equal to ``optax.adamw(lr, b1, b2, eps, weight_decay)`` on
+    the tiles. Defaults are the published Sylva ones (eps 1e-6, no weight decay).
+
+    Args:
+      learning_rate: a float or an optax schedule ``count -> lr`` (evaluated at the
+        number of updates done before this one, as optax does).
+      mu_dtype: dtype of ``m`` (default float32). ``v`` and all arithmetic are float32:
+        the state covers only the ``nnz`` tiles, so full precision is cheap.
+
+    ``update(grads, state, params)`` needs ``params`` (the current tiles,
+    ``adapter.tiles(params)``) when ``weight_decay > 0``. Updates come back in the
+    gradients' dtype.
+    """
+    _check_hparams(b1, b2, eps, weight_decay)
+    mdt = jnp.dtype(mu_dtype) if mu_dtype is not None else jnp.float32
+
+    def init_fn(params):
+        return SparseAdamWState(
+            count=jnp.zeros([], jnp.int32),
+            mu=jax.tree_util.tree_map(lambda t: jnp.zeros(t.shape, mdt), params),
+            nu=jax.tree_util.tree_map(lambda t: jnp.zeros(t.shape, jnp.float32), params),
+        )
+
+    def update_fn(updates, state, params=None):
+        if weight_decay and params is None:
+            raise ValueError("sparse_adamw with weight_decay > 0 needs params (the current "
+                             "tiles, adapter.tiles(params)) in update(grads, state, params)")
+        count_inc = optax.safe_int32_increment(state.count)
+        t = count_inc.astype(jnp.float32)
+        bc1 = 1.0 - jnp.float32(b1) ** t
+        bc2 = 1.0 - jnp.float32(b2) ** t
+        lr = jnp.asarray(_lr_at(learning_rate, state.count), jnp.float32)
+        f32 = lambda a: a.astype(jnp.float32)  # noqa: E731
+        mu = jax.tree_util.tree_map(lambda g, m: b1 * f32(m) + (1.0 - b1) * f32(g),
+                                    updates, state.mu)
+        nu = jax.tree_util.tree_map(lambda g, v: b2 * v + (1.0 - b2) * jnp.square(f32(g)),
+                                    updates, state.nu)
+        def step(g, m, v, p=None):
+            u = (m / bc1) / (jnp.sqrt(v / bc2) + eps)
+            if weight_decay:
+                u = u + weight_decay * f32(p)
+            return (-lr * u).astype(g.dtype)
+
+        if weight_decay:
+            new_updates = jax.tree_util.tree_map(step, updates, mu, nu, params)
+        else:
+            new_updates = jax.tree_util.tree_map(step, updates, mu, nu)
+        mu = jax.tree_util.tree_map(lambda m: m.astype(mdt), mu)
+        return new_updates, SparseAdamWState(count=count_inc, mu=mu, nu=nu)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+# ---------------------------------------------------------------------------------------
+# fused Pallas step
+# ---------------------------------------------------------------------------------------
+
+def _adamw_kernel(rows_ref, cols_ref, hyper_ref, g_ref, mu_ref, nu_ref, w_ref,
+                  w_out, mu_out, nu_out, *, bs: int, b1: float, b2: float, eps: float,
+                  wd: float):
+    n = pl.program_id(0)
+    r0 = pl.multiple_of(rows_ref[n] * bs, bs)
+    c0 = pl.multiple_of(cols_ref[n] * bs, bs)
+    lr = hyper_ref[0]
+    bc1 = hyper_ref[1]
+    bc2 = hyper_ref[2]
+    g = g_ref[0, :, :].astype(jnp.float32)
+    m = b1 * mu_ref[0, :, :].astype(jnp.float32) + (1.0 - b1) * g
+    v = b2 * nu_ref[0, :, :].astype(jnp.float32) + (1.0 - b2) * g * g
+    tile = w_ref[pl.ds(r0, bs), pl.ds(c0, bs)].astype(jnp.float32)
+    u = (m / bc1) / (jnp.sqrt(v / bc2) + eps)
+    if wd:
+        u = u + wd * tile
+    w_out[pl.ds(r0, bs), pl.ds(c0, bs)] = (tile - lr * u).astype(w_out.dtype)
+    mu_out[0, :, :] = m.astype(mu_out.dtype)
+    nu_out[0, :, :] = v.astype(nu_out.dtype)
+
+
+def fused_sparse_adamw_step(w: jax.Array, grads: jax.Array, mu: jax.Array, nu: jax.Array,
+                            count, rows, cols, *, learning_rate: ScalarOrSchedule,
+                            b1: float = 0.9, b2: float = 0.999, eps: float = 1e-6,
+                            weight_decay: float = 0.0, block_size: int,
+                            interpret: bool | None = None):
+    """One AdamW step on the tiles of one ``[out, in]`` weight, written into ``w`` in place.
+
+    Args:
+      w: ``[out, in]`` weight (aliased to the first output: under ``jit`` with ``w``
+        donated, only the ``nnz`` tiles are written, nothing else is touched or copied).
+      grads, mu, nu: ``[nnz, bs, bs]`` tile gradients and AdamW moments.
+      count: int scalar, updates done before this one (``state.count``).
+      rows, cols: ``int32[nnz]`` tile coordinates (block units), distinct tiles.
+      learning_rate: float or schedule evaluated at ``count``.
+      interpret: ``None`` = interpret unless on a GPU.
+
+    Returns:
+      ``(w, mu, nu)`` updated; the rule is the one of :func:`sparse_adamw`.
+    """
+    _check_hparams(b1, b2, eps, weight_decay)
+    bs = int(block_size)
+    if w.ndim != 2 or w.shape[0] % bs or w.shape[1] % bs:
+        raise ValueError(f"w must be a 2-D [out, in] weight divisible by block_size {bs}; "
+                         f"got {tuple(w.shape)}")
+    nnz = int(np.shape(rows)[0])
+    for name, a in (("grads", grads), ("mu", mu), ("nu", nu)):
+        if tuple(a.shape) != (nnz, bs, bs):
+            raise ValueError(f"{name} must be [nnz, bs, bs] = {(nnz, bs, bs)}; got {tuple(a.shape)}")
+    if nnz == 0:
+        return w, mu, nu
+    count = jnp.asarray(count, jnp.int32)
+    t = (count + 1).astype(jnp.float32)
+    hyper = jnp.stack([
+        jnp.asarray(_lr_at(learning_rate, count), jnp.float32),
+        1.0 - jnp.float32(b1) ** t,
+        1.0 - jnp.float32(b2) ** t,
+        jnp.float32(0.0),                      # padding: a power-of-two sized vector
+    ])
+    interp = (not on_gpu()) if interpret is None else bool(interpret)
+    kernel = functools.partial(_adamw_kernel, bs=bs, b1=float(b1), b2=float(b2),
+                               eps=float(eps), wd=float(weight_decay))
+    full = lambda a: pl.BlockSpec(a.shape, lambda i: (0,) * a.ndim)  # noqa: E731
+    tile_spec = pl.BlockSpec((1, bs, bs), lambda i: (i, 0, 0))
+    rows = jnp.asarray(rows, jnp.int32)
+    cols = jnp.asarray(cols, jnp.int32)
+    return pl.pallas_call(
+        kernel,
+        out_shape=(jax.ShapeDtypeStruct(w.shape, w.dtype),
+                   jax.ShapeDtypeStruct(mu.shape, mu.dtype),
+                   jax.ShapeDtypeStruct(nu.shape, nu.dtype)),
+        grid=(nnz,),
+        in_specs=[full(rows), full(cols), full(hyper), tile_spec, tile_spec, tile_spec, full(w)],
+        out_specs=(full(w), tile_spec, tile_spec),
+        input_output_aliases={6: 0, 4: 1, 5: 2},
+        interpret=interp,
+        name="sylva_fused_adamw",
+    )(rows, cols, hyper, grads, mu, nu, w)
+
+
+def fused_sparse_adamw_update(adapter, params, grads: Mapping[str, jax.Array],
+                              state: SparseAdamWState, *,
+                              learning_rate: ScalarOrSchedule, b1: float = 0.9,
+                              b2: float = 0.999, eps: float = 1e-6,
+                              weight_decay: float = 0.0, interpret: bool | None = None):
+    """The fused counterpart of ``sparse_adamw`` + ``adapter.apply_updates``.
+
+    params: the model parameters (merged); grads: ``{path: [nnz, bs, bs]}`` tile gradients;
+    state: a :class:`SparseAdamWState` (from ``sparse_adamw(...).init(adapter.tiles(params))``,
+    so the two paths can be swapped mid-run). Returns ``(params, state)``; every
+    non-adapted leaf is returned as the same object. Use under ``jit`` with ``params`` and
+    ``state`` donated for the in-place update.
+    """
+    bs = adapter.block_size
+    flat = tree_lib.flatten(params)
+    new_w, new_mu, new_nu = {}, dict(state.mu), dict(state.nu)
+    for path, (rows, cols) in adapter.coords.items():
+        if path not in flat or path not in grads:
+            raise KeyError(f"fused_sparse_adamw_update: no parameter or gradient for {path!r}")
+        w, g, m, v = flat[path], grads[path], state.mu[path], state.nu[path]
+        if adapter.layout == "in_out":   # stored [in, out]: swap coordinates, transpose tiles
+            rows, cols = cols, rows
+            g, m, v = (jnp.swapaxes(a, 1, 2) for a in (g, m, v))
+        w, m, v = fused_sparse_adamw_step(
+            jnp.asarray(w), g, m, v, state.count, rows, cols, learning_rate=learning_rate,
+            b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, block_size=bs,
+            interpret=interpret)
+        if adapter.layout == "in_out":
+            m, v = jnp.swapaxes(m, 1, 2), jnp.swapaxes(v, 1, 2)
+        new_w[path], new_mu[path], new_nu[path] = w, m, v
+    params = tree_lib.map_flat(lambda p, leaf: new_w.get(p, leaf), params)
+    return params, SparseAdamWState(count=optax.safe_int32_increment(state.count),
+                                    mu=new_mu, nu=new_nu)
