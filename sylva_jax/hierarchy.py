@@ -1,0 +1,741 @@
+"""Curvature factors for Sylva pre-processing: HODLR, dense and diagonal, one interface.
+
+Implements ``../shared/docs/ALGORITHM.md`` section 2 (the hierarchical factor). A factor
+approximates a symmetric PSD ``d x d`` matrix ``F = sum_n a_n a_n^T`` (a Kronecker factor
+``A`` or ``G`` of one linear layer) and supports the few operations importance scoring
+needs: rank-1 / block updates, products ``F x``, and ``diag((F + lam I)^-1)``.
+
+Kinds (all pytrees; metadata such as ``dim`` is a static field, so every function below
+``jit``s with the factor as an ordinary argument):
+
+- ``"hodlr"`` (:class:`HodlrFactor`): ``P = num_partition`` levels. Level ``k = 0..P-1``
+  has ``2^k`` nodes of size ``d / 2^k``; node ``j`` stores the lower-left off-diagonal tile
+  (rows ``[2hj + h, 2hj + 2h)``, columns ``[2hj, 2hj + h)``, ``h = d / 2^(k+1)``) as a
+  rank-1 triple ``tile ~ s u v^T`` with ``u`` over the rows, ``v`` over the columns,
+  ``|u| = |v| = 1`` (or ``u = v = 0, s = 0`` for an empty tile). The upper-right tile is
+  the transpose ``s v u^T``. The ``2^P`` diagonal leaves of size ``L = d / 2^P`` are dense
+  and exact. Arrays: ``leaves [2^P, L, L]``; per level ``u[k] [2^k, h]``, ``s[k] [2^k]``,
+  ``v[k] [2^k, h]``.
+- ``"dense"`` (:class:`DenseFactor`): the exact ``[d, d]`` matrix (ablations, small models).
+- ``"diagonal"`` (:class:`DiagonalFactor`): ``diag(F)`` only, ``[d]``.
+
+Memory (hodlr): the leaves hold ``2^P L^2 = d L`` numbers and the levels
+``sum_k 2^k (2 d / 2^(k+1) + 1) = P d + 2^P - 1``, so ``O(d L + d P)`` numbers instead of
+``d^2`` (``nbytes`` reports the exact bytes). No function except :func:`to_dense` (and the
+dense kind itself) builds a ``d x d`` array; the largest intermediates are ``[d, k]``
+(matmat), ``[2^k, h, r + c]`` per level (:func:`update_block`) and ``O(d L)`` (leaves).
+
+Padding: when ``dim`` is not a multiple of ``2^P`` the factor works on
+``padded_dim = ceil(dim / 2^P) * 2^P``. Inputs are zero-padded, so the padded rows and
+columns of ``F`` are exactly zero and decoupled from the real ones (every ``u``, ``v`` is
+zero there). In :func:`inv_diag` / :func:`solve` the padded diagonal is set to ``1`` (not
+``damping``, which may be 0) so the padded block stays invertible; since it is decoupled
+this does not change any real entry. Every output is stripped back to ``dim``.
+"""
+from __future__ import annotations
+
+from functools import partial
+from typing import Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+from jax import lax
+
+__all__ = [
+    "KINDS",
+    "HodlrFactor",
+    "DenseFactor",
+    "DiagonalFactor",
+    "Factor",
+    "init",
+    "update",
+    "update_block",
+    "matmat",
+    "to_dense",
+    "inv_diag",
+    "solve",
+    "diag",
+    "nbytes",
+    "max_num_partition",
+]
+
+KINDS = ("hodlr", "dense", "diagonal")
+
+# Every product in this module runs at full float32 precision: on GPUs the default for
+# float32 dots may be TF32 (10-bit mantissa), far too coarse for curvature statistics.
+_HI = lax.Precision.HIGHEST
+
+
+# --------------------------------------------------------------------------- pytrees
+
+
+@struct.dataclass
+class HodlrFactor:
+    """HODLR factor. ``leaves [2^P, L, L]``; ``u``, ``s``, ``v``: tuples over levels
+    ``k = 0..P-1`` of ``[2^k, h_k]``, ``[2^k]``, ``[2^k, h_k]`` with
+    ``h_k = padded_dim / 2^(k+1)``."""
+
+    leaves: jax.Array
+    u: tuple
+    s: tuple
+    v: tuple
+    dim: int = struct.field(pytree_node=False)
+    num_partition: int = struct.field(pytree_node=False)
+    padded_dim: int = struct.field(pytree_node=False)
+
+    kind = "hodlr"
+
+    @property
+    def leaf_size(self) -> int:
+        return self.padded_dim >> self.num_partition
+
+    @property
+    def dtype(self):
+        return self.leaves.dtype
+
+
+@struct.dataclass
+class DenseFactor:
+    """Exact dense factor ``mat [dim, dim]``."""
+
+    mat: jax.Array
+    dim: int = struct.field(pytree_node=False)
+
+    kind = "dense"
+    num_partition = 0
+
+    @property
+    def padded_dim(self) -> int:
+        return self.dim
+
+    @property
+    def dtype(self):
+        return self.mat.dtype
+
+
+@struct.dataclass
+class DiagonalFactor:
+    """Diagonal factor ``d [dim]`` (the diagonal of the sum of outer products)."""
+
+    d: jax.Array
+    dim: int = struct.field(pytree_node=False)
+
+    kind = "diagonal"
+    num_partition = 0
+
+    @property
+    def padded_dim(self) -> int:
+        return self.dim
+
+    @property
+    def dtype(self):
+        return self.d.dtype
+
+
+Factor = Union[HodlrFactor, DenseFactor, DiagonalFactor]
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def max_num_partition(dim: int) -> int:
+    """Largest ``num_partition`` allowed for ``dim`` (``2^P <= dim``, leaf size >= 1)."""
+    return int(dim).bit_length() - 1
+
+
+def _check_dim(dim) -> int:
+    if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim < 1:
+        raise ValueError(f"dim must be a positive int, got {dim!r}.")
+    return int(dim)
+
+
+def _check_partition(dim: int, num_partition) -> int:
+    if isinstance(num_partition, bool) or not isinstance(num_partition, (int, np.integer)):
+        raise ValueError(f"num_partition must be an int >= 0, got {num_partition!r}.")
+    p = int(num_partition)
+    if p < 0:
+        raise ValueError(f"num_partition must be >= 0, got {p}.")
+    if (1 << p) > dim:
+        raise ValueError(
+            f"num_partition={p} asks for 2^{p} = {1 << p} leaves but dim={dim} has fewer "
+            f"entries (leaf size < 1); the largest num_partition allowed for dim={dim} is "
+            f"{max_num_partition(dim)}."
+        )
+    return p
+
+
+def _check_factor(h) -> None:
+    if not isinstance(h, (HodlrFactor, DenseFactor, DiagonalFactor)):
+        raise TypeError(
+            f"expected a factor made by sylva_jax.hierarchy.init (HodlrFactor, DenseFactor "
+            f"or DiagonalFactor), got {type(h).__name__}."
+        )
+
+
+def _as_rows(h: Factor, x, name: str) -> jax.Array:
+    """``x [dim]`` or ``[n, dim]`` -> ``[n, padded_dim]`` in the factor dtype."""
+    x = jnp.asarray(x)
+    if x.ndim == 1:
+        x = x[None]
+    if x.ndim != 2 or x.shape[-1] != h.dim:
+        raise ValueError(
+            f"{name} must have shape [{h.dim}] or [n, {h.dim}] (the factor's dim is "
+            f"{h.dim}), got shape {tuple(jnp.shape(x))}; reshape to [n, {h.dim}]."
+        )
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise ValueError(f"{name} must be a floating array, got dtype {x.dtype}.")
+    x = x.astype(h.dtype)
+    pad = h.padded_dim - h.dim
+    return jnp.pad(x, ((0, 0), (0, pad))) if pad else x
+
+
+def _as_cols(h: Factor, x, name: str) -> tuple[jax.Array, bool]:
+    """``x [dim]`` or ``[dim, k]`` -> (``[padded_dim, k]``, was_vector)."""
+    x = jnp.asarray(x)
+    vec = x.ndim == 1
+    if vec:
+        x = x[:, None]
+    if x.ndim != 2 or x.shape[0] != h.dim:
+        raise ValueError(
+            f"{name} must have shape [{h.dim}] or [{h.dim}, k] (the factor's dim is "
+            f"{h.dim}), got shape {tuple(jnp.shape(x))}."
+        )
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise ValueError(f"{name} must be a floating array, got dtype {x.dtype}.")
+    x = x.astype(h.dtype)
+    pad = h.padded_dim - h.dim
+    return (jnp.pad(x, ((0, pad), (0, 0))) if pad else x), vec
+
+
+# --------------------------------------------------------------------------- init
+
+
+def init(dim: int, num_partition: int = 8, dtype=jnp.float32, kind: str = "hodlr") -> Factor:
+    """An empty (all-zero) factor for a ``dim x dim`` matrix.
+
+    ``num_partition`` (``P``) is used by ``kind="hodlr"`` only; ``2^P`` must not exceed
+    ``dim`` (see :func:`max_num_partition`). A ``dim`` that is not a multiple of ``2^P`` is
+    zero-padded to the next multiple (module docstring). Plain Python (allocation only).
+    """
+    dim = _check_dim(dim)
+    dtype = jnp.dtype(dtype)
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(f"dtype must be a floating dtype, got {dtype}.")
+    if kind == "dense":
+        return DenseFactor(mat=jnp.zeros((dim, dim), dtype), dim=dim)
+    if kind == "diagonal":
+        return DiagonalFactor(d=jnp.zeros((dim,), dtype), dim=dim)
+    if kind != "hodlr":
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}.")
+    p = _check_partition(dim, num_partition)
+    nb = 1 << p
+    padded = -(-dim // nb) * nb
+    leaf = padded // nb
+    u = tuple(jnp.zeros((1 << k, padded >> (k + 1)), dtype) for k in range(p))
+    s = tuple(jnp.zeros((1 << k,), dtype) for k in range(p))
+    v = tuple(jnp.zeros((1 << k, padded >> (k + 1)), dtype) for k in range(p))
+    return HodlrFactor(
+        leaves=jnp.zeros((nb, leaf, leaf), dtype), u=u, s=s, v=v,
+        dim=dim, num_partition=p, padded_dim=padded,
+    )
+
+
+# --------------------------------------------------------------------------- Brand steps
+
+
+def _top_triple_2x2(k: jax.Array):
+    """Top singular triple of a real 2x2 matrix ``k`` in closed form.
+
+    Writes ``k = R(phi) diag(q + r, q - r) R(theta)`` with ``R`` a rotation; the largest
+    singular value is ``q + r`` (``q, r >= 0``), the left vector ``[cos phi, sin phi]`` and
+    the right vector ``[cos theta, -sin theta]``. Returns ``(sigma, x [2], y [2])`` with
+    ``k ~ sigma x y^T + (second term)``. Exact for ``k = 0`` (``sigma = 0``).
+    """
+    a, b, c, d = k[0, 0], k[0, 1], k[1, 0], k[1, 1]
+    e, f = (a + d) / 2, (a - d) / 2
+    g, hh = (c + b) / 2, (c - b) / 2
+    q, r = jnp.hypot(e, hh), jnp.hypot(f, g)
+    a1, a2 = jnp.arctan2(g, f), jnp.arctan2(hh, e)
+    theta, phi = (a2 - a1) / 2, (a2 + a1) / 2
+    x = jnp.stack([jnp.cos(phi), jnp.sin(phi)])
+    y = jnp.stack([jnp.cos(theta), -jnp.sin(theta)])
+    return q + r, x, y
+
+
+def _split_off(basis: jax.Array, a: jax.Array):
+    """``a = basis * m + p`` with ``p`` orthogonal to the unit (or zero) vector ``basis``.
+
+    Returns ``(m, p_hat, rho)`` with ``p = rho * p_hat``, ``|p_hat| = 1`` or ``p_hat = 0``
+    when ``p`` is at rounding level (``rho`` is then 0 too: the update is carried entirely
+    by ``m``, never divided by zero). Gram-Schmidt is applied twice so ``p`` stays
+    orthogonal to ``basis`` in float32.
+    """
+    m = jnp.dot(basis, a, precision=_HI)
+    p = a - basis * m
+    dm = jnp.dot(basis, p, precision=_HI)
+    p, m = p - basis * dm, m + dm
+    rho = jnp.linalg.norm(p)
+    tol = 16 * jnp.finfo(a.dtype).eps * jnp.linalg.norm(a)
+    ok = rho > tol
+    p_hat = jnp.where(ok, p / jnp.where(ok, rho, 1), 0)
+    return m, p_hat, jnp.where(ok, rho, 0)
+
+
+def _renormalise(vec: jax.Array, scale: jax.Array):
+    """Make ``vec`` unit norm, folding its norm into ``scale``; all-zero when empty."""
+    nrm = jnp.linalg.norm(vec)
+    live = (nrm > 0) & (scale > 0)
+    return jnp.where(live, vec / jnp.where(live, nrm, 1), 0), jnp.where(live, scale * nrm, 0)
+
+
+def _brand_rank1(u, s, v, a_row, a_col):
+    """One Brand incremental-SVD step, truncated to rank 1 (ALGORITHM.md section 2).
+
+    ``u, a_row: [h]`` (rows of the tile), ``v, a_col: [h]`` (columns), ``s: []``. Returns
+    the top singular triple ``(u', s', v')`` of ``s u v^T + a_row a_col^T``, i.e. of the 2x2
+    core ``K = [[s, 0], [0, 0]] + [m, ra]^T [n, rb]`` in the basis ``[u, p/ra]``,
+    ``[v, q/rb]``. An empty tile (``s = 0``) is treated as ``u = v = 0``, which gives the
+    first-sample initialisation ``u = a_row/|a_row|``, ``v = a_col/|a_col|``,
+    ``s = |a_row||a_col|``. ``ra``/``rb ~ 0`` contribute nothing and are never divided by.
+    """
+    live = s > 0
+    u, v, s = jnp.where(live, u, 0), jnp.where(live, v, 0), jnp.where(live, s, 0)
+    m, p_hat, ra = _split_off(u, a_row)
+    n, q_hat, rb = _split_off(v, a_col)
+    core = jnp.stack([jnp.stack([s + m * n, m * rb]), jnp.stack([ra * n, ra * rb])])
+    sigma, x, y = _top_triple_2x2(core)
+    # [u, p_hat] and [v, q_hat] are orthonormal up to rounding (or have zero columns);
+    # renormalising keeps |u'| = |v'| = 1 exactly and folds any drift into s'.
+    u_new, s_new = _renormalise(u * x[0] + p_hat * x[1], sigma)
+    v_new, s_new = _renormalise(v * y[0] + q_hat * y[1], s_new)
+    u_new = jnp.where(s_new > 0, u_new, 0)
+    return u_new, s_new, v_new
+
+
+def _orth_block(basis: jax.Array, a: jax.Array):
+    """``a = basis @ m + q @ r`` with ``q`` orthonormal columns orthogonal to ``basis``.
+
+    ``basis: [h, r]`` (orthonormal or zero columns), ``a: [h, c]`` with ``c <= h``. Returns
+    ``(m [r, c], q [h, c], r [c, c])``.
+    """
+    m = jnp.matmul(basis.T, a, precision=_HI)
+    p = a - jnp.matmul(basis, m, precision=_HI)
+    dm = jnp.matmul(basis.T, p, precision=_HI)
+    p, m = p - jnp.matmul(basis, dm, precision=_HI), m + dm
+    q, r = jnp.linalg.qr(p)
+    return m, q, r
+
+
+def _brand_block(us, ss, vs, a, b):
+    """Rank-c Brand step keeping rank ``r``: top-``r`` SVD of ``U diag(S) V^T + a b^T``.
+
+    ``us, vs: [h, r]`` (orthonormal or zero columns), ``ss: [r]`` (descending),
+    ``a, b: [h, c]`` (``a`` row slices, ``b`` column slices, one column per vector).
+    The core is ``K = [[diag(S), 0], [0, 0]] + [Ma; Ra] [Mb; Rb]^T``, ``(r+c) x (r+c)``.
+    """
+    r = ss.shape[0]
+    ma, qa, ra = _orth_block(us, a)
+    mb, qb, rb = _orth_block(vs, b)
+    left = jnp.concatenate([ma, ra], axis=0)
+    right = jnp.concatenate([mb, rb], axis=0)
+    core = jnp.matmul(left, right.T, precision=_HI)
+    core = core.at[:r, :r].add(jnp.diag(ss))
+    ku, ks, kvt = jnp.linalg.svd(core, full_matrices=False)
+    us_new = jnp.matmul(jnp.concatenate([us, qa], axis=1), ku[:, :r], precision=_HI)
+    vs_new = jnp.matmul(jnp.concatenate([vs, qb], axis=1), kvt[:r].T, precision=_HI)
+    ss_new = ks[:r]
+    # Columns at rounding level are dropped (zeroed) so they can never pollute the basis
+    # of the next step (``_orth_block`` assumes orthonormal-or-zero columns).
+    live = ss_new > (r + a.shape[1]) * jnp.finfo(ss.dtype).eps * ks[0]
+    return us_new * live, jnp.where(live, ss_new, 0), vs_new * live
+
+
+# --------------------------------------------------------------------------- updates
+
+
+def _level_slices(x: jax.Array, level: int):
+    """``x [..., D]`` -> (column/upper slices, row/lower slices), each ``[..., 2^k, h]``."""
+    shape = x.shape[:-1] + (1 << level, 2, x.shape[-1] >> (level + 1))
+    x3 = x.reshape(shape)
+    return x3[..., 0, :], x3[..., 1, :]
+
+
+def _leaf_gram(h: HodlrFactor, x: jax.Array) -> jax.Array:
+    """Exact ``sum_n x_j x_j^T`` for every leaf ``j``: ``x [n, D]`` -> ``[2^P, L, L]``."""
+    xr = x.reshape(x.shape[0], 1 << h.num_partition, h.leaf_size)
+    return jnp.einsum("nja,njb->jab", xr, xr, precision=_HI)
+
+
+@jax.jit
+def update(h: Factor, vectors) -> Factor:
+    """Add ``sum_n a_n a_n^T`` for ``vectors [dim]`` or ``[n, dim]`` (ALGORITHM.md section 2).
+
+    hodlr: leaves get the exact outer products (one batched einsum over all vectors); each
+    level's off-diagonal tiles get the vectors one at a time, in order (``lax.scan``), as
+    Brand rank-1 steps truncated to rank 1, one ``vmap`` over the ``2^k`` tiles of a level.
+    dense / diagonal: exact.
+    """
+    _check_factor(h)
+    x = _as_rows(h, vectors, "vectors")
+    if isinstance(h, DenseFactor):
+        return h.replace(mat=h.mat + jnp.matmul(x.T, x, precision=_HI))
+    if isinstance(h, DiagonalFactor):
+        return h.replace(d=h.d + jnp.sum(x * x, axis=0))
+    leaves = h.leaves + _leaf_gram(h, x)
+    brand = jax.vmap(_brand_rank1)
+
+    def step(carry, a):
+        us, ss, vs = carry
+        new_u, new_s, new_v = [], [], []
+        for k in range(h.num_partition):
+            col, row = _level_slices(a, k)
+            uk, sk, vk = brand(us[k], ss[k], vs[k], row, col)
+            new_u.append(uk)
+            new_s.append(sk)
+            new_v.append(vk)
+        return (tuple(new_u), tuple(new_s), tuple(new_v)), None
+
+    (us, ss, vs), _ = lax.scan(step, (h.u, h.s, h.v), x)
+    return h.replace(leaves=leaves, u=us, s=ss, v=vs)
+
+
+def _block_level_small(u, s, v, rows, cols):
+    """Exact tile sum then top triple, for small tiles.
+
+    ``u, v: [T, h]``, ``s: [T]``, ``rows, cols: [n, T, h]``. Builds ``[T, h, h]`` tiles
+    (``T h^2 = D h / 2`` numbers, small because this path is used for ``h <= chunk``).
+    """
+    live = s > 0
+    tiles = jnp.einsum("tji,tjk->jik", rows, cols, precision=_HI)
+    tiles = tiles + jnp.where(live, s, 0)[:, None, None] * u[:, :, None] * v[:, None, :]
+    uu, ss, vvt = jnp.linalg.svd(tiles, full_matrices=False)
+    return _finish_triple(uu[:, :, 0], ss[:, 0], vvt[:, 0, :])
+
+
+def _finish_triple(u, s, v):
+    """Renormalise a batch of triples ``u, v [T, h]``, ``s [T]`` (empty tiles -> zeros)."""
+    def one(ui, si, vi):
+        ui, si = _renormalise(ui, si)
+        vi, si = _renormalise(vi, si)
+        return jnp.where(si > 0, ui, 0), si, jnp.where(si > 0, vi, 0)
+    return jax.vmap(one)(u, s, v)
+
+
+def _block_level_brand(u, s, v, rows, cols, chunk: int, rank: int):
+    """Streaming rank-``chunk`` Brand steps with a rank-``rank`` working state.
+
+    ``u, v: [T, h]``, ``s: [T]``, ``rows, cols: [n, T, h]`` with ``n`` a multiple of
+    ``chunk`` and ``chunk < h``. The working state is ``U [T, h, r]``, ``S [T, r]``,
+    ``V [T, h, r]``; the result is its top triple.
+    """
+    t, hk = u.shape
+    r = min(rank, hk)
+    live = s > 0
+    us = jnp.zeros((t, hk, r), u.dtype).at[:, :, 0].set(jnp.where(live[:, None], u, 0))
+    vs = jnp.zeros((t, hk, r), v.dtype).at[:, :, 0].set(jnp.where(live[:, None], v, 0))
+    ss = jnp.zeros((t, r), s.dtype).at[:, 0].set(jnp.where(live, s, 0))
+    n = rows.shape[0]
+    # [n, T, h] -> [n/chunk, T, h, chunk]: one Brand step per chunk of vectors
+    rows = rows.reshape(n // chunk, chunk, t, hk).transpose(0, 2, 3, 1)
+    cols = cols.reshape(n // chunk, chunk, t, hk).transpose(0, 2, 3, 1)
+    step_tiles = jax.vmap(_brand_block)
+
+    def step(carry, rc):
+        return step_tiles(*carry, *rc), None
+
+    (us, ss, vs), _ = lax.scan(step, (us, ss, vs), (rows, cols))
+    return _finish_triple(us[:, :, 0], ss[:, 0], vs[:, :, 0])
+
+
+@partial(jax.jit, static_argnames=("chunk", "rank"))
+def update_block(h: Factor, x, *, chunk: int = 64, rank: int = 32) -> Factor:
+    """Add ``X^T X`` for many vectors at once: ``x [n, dim]`` (or ``[dim]``).
+
+    For per-token K-FAC statistics (thousands of vectors per sample). dense / diagonal and
+    the hodlr leaves: exact. Each hodlr off-diagonal tile becomes a rank-1 approximation of
+    ``(current tile) + R^T C`` (``R``, ``C`` the row / column slices of ``x``):
+
+    - tiles with ``h <= chunk``: the ``h x h`` sum is formed and its top singular triple
+      kept (exact truncation);
+    - larger tiles: rank-``c`` Brand steps over chunks of ``c = min(chunk, n)`` vectors
+      (``n`` is zero-padded to a multiple of ``c``; zero vectors add nothing). Each step
+      orthogonalises the chunk's row / column slices against the working basis (QR), takes
+      the SVD of the ``(r + c) x (r + c)`` core and keeps the top ``r = min(rank, h)``
+      triples; after the last chunk the top triple is kept. This replaces the "compress the
+      new block with a thin SVD of its ``[h, n]`` slices" variant: it never builds an
+      ``[h, min(h, n)]`` or ``h x h`` array (``h = d/2`` at level 0) and costs
+      ``O(n h (r + c))`` per tile.
+
+    Exactness: when ``n <= chunk`` (one Brand step), or whenever every prefix of the
+    accumulated tile has rank ``<= r``, the result is the best rank-1 approximation (top
+    singular triple) of ``current tile + R^T C``. It therefore equals the sequential
+    rank-1 updates of :func:`update` only approximately (sequential truncation discards
+    information after every vector; this truncates once), is exact for input whose tile is
+    exactly rank 1, and, started from an empty tile, is never further from the exact tile
+    (Frobenius) than sequential updates when ``n <= chunk`` (Eckart-Young).
+    """
+    _check_factor(h)
+    if int(chunk) < 1 or int(rank) < 1:
+        raise ValueError(f"chunk and rank must be >= 1, got chunk={chunk}, rank={rank}.")
+    x = _as_rows(h, x, "x")
+    if isinstance(h, (DenseFactor, DiagonalFactor)):
+        return update(h, x[:, : h.dim])
+    leaves = h.leaves + _leaf_gram(h, x)
+    n = x.shape[0]
+    c = max(1, min(int(chunk), n))
+    n_pad = -(-n // c) * c
+    xp = jnp.pad(x, ((0, n_pad - n), (0, 0))) if n_pad != n else x
+    us, ss, vs = [], [], []
+    for k in range(h.num_partition):
+        hk = h.padded_dim >> (k + 1)
+        if hk <= int(chunk):
+            cols, rows = _level_slices(x, k)
+            uk, sk, vk = _block_level_small(h.u[k], h.s[k], h.v[k], rows, cols)
+        else:
+            cols, rows = _level_slices(xp, k)
+            uk, sk, vk = _block_level_brand(h.u[k], h.s[k], h.v[k], rows, cols, c, int(rank))
+        us.append(uk)
+        ss.append(sk)
+        vs.append(vk)
+    return h.replace(leaves=leaves, u=tuple(us), s=tuple(ss), v=tuple(vs))
+
+
+# --------------------------------------------------------------------------- products
+
+
+def _hodlr_matmat(h: HodlrFactor, x: jax.Array) -> jax.Array:
+    """``F x`` for ``x [D, k]`` (padded): leaves, then ``s u (v^T x_upper)`` into the lower
+    half and ``s v (u^T x_lower)`` into the upper half of every node (transpose tile)."""
+    nb, leaf = 1 << h.num_partition, h.leaf_size
+    kk = x.shape[1]
+    y = jnp.einsum("jab,jbk->jak", h.leaves, x.reshape(nb, leaf, kk), precision=_HI)
+    y = y.reshape(h.padded_dim, kk)
+    for k in range(h.num_partition):
+        x3 = x.reshape(1 << k, 2, h.padded_dim >> (k + 1), kk)
+        u, s, v = h.u[k], h.s[k], h.v[k]
+        t_up = s[:, None] * jnp.einsum("jh,jhk->jk", v, x3[:, 0], precision=_HI)
+        t_lo = s[:, None] * jnp.einsum("jh,jhk->jk", u, x3[:, 1], precision=_HI)
+        upper = v[:, :, None] * t_lo[:, None, :]
+        lower = u[:, :, None] * t_up[:, None, :]
+        y = y + jnp.stack([upper, lower], axis=1).reshape(h.padded_dim, kk)
+    return y
+
+
+@jax.jit
+def matmat(h: Factor, x) -> jax.Array:
+    """``F x`` for ``x [dim]`` or ``[dim, k]``; same shape out. Never forms ``F`` (hodlr)."""
+    _check_factor(h)
+    xp, vec = _as_cols(h, x, "x")
+    if isinstance(h, DenseFactor):
+        y = jnp.matmul(h.mat, xp, precision=_HI)
+    elif isinstance(h, DiagonalFactor):
+        y = h.d[:, None] * xp
+    else:
+        y = _hodlr_matmat(h, xp)[: h.dim]
+    return y[:, 0] if vec else y
+
+
+@jax.jit
+def to_dense(h: Factor) -> jax.Array:
+    """The assembled ``[dim, dim]`` matrix (tests and small examples only)."""
+    _check_factor(h)
+    if isinstance(h, DenseFactor):
+        return h.mat
+    if isinstance(h, DiagonalFactor):
+        return jnp.diag(h.d)
+    dd, nb, leaf = h.padded_dim, 1 << h.num_partition, h.leaf_size
+    idx = jnp.arange(nb)
+    f = jnp.zeros((nb, leaf, nb, leaf), h.dtype).at[idx, :, idx, :].set(h.leaves)
+    f = f.reshape(dd, dd)
+    for k in range(h.num_partition):
+        t, hk = 1 << k, dd >> (k + 1)
+        tiles = h.s[k][:, None, None] * h.u[k][:, :, None] * h.v[k][:, None, :]
+        j = jnp.arange(t)
+        f6 = f.reshape(t, 2, hk, t, 2, hk)
+        f6 = f6.at[j, 1, :, j, 0, :].set(tiles)
+        f6 = f6.at[j, 0, :, j, 1, :].set(jnp.swapaxes(tiles, 1, 2))
+        f = f6.reshape(dd, dd)
+    return f[: h.dim, : h.dim]
+
+
+@jax.jit
+def diag(h: Factor) -> jax.Array:
+    """``diag(F)``, ``[dim]`` (exact for every kind: the leaves are exact)."""
+    _check_factor(h)
+    if isinstance(h, DenseFactor):
+        return jnp.diagonal(h.mat)
+    if isinstance(h, DiagonalFactor):
+        return h.d
+    return jnp.diagonal(h.leaves, axis1=1, axis2=2).reshape(-1)[: h.dim]
+
+
+def nbytes(h: Factor) -> int:
+    """Bytes held by the factor's arrays (``O(d L + d P)`` numbers for hodlr)."""
+    _check_factor(h)
+    return int(sum(a.size * a.dtype.itemsize for a in jax.tree_util.tree_leaves(h)))
+
+
+# --------------------------------------------------------------------------- inverse
+
+
+def _damping(h: Factor, damping, relative: bool):
+    lam = jnp.asarray(damping, h.dtype)
+    if relative:
+        lam = lam * jnp.sum(diag(h)) / h.dim
+    return lam
+
+
+@struct.dataclass
+class _HodlrInverse:
+    """Bottom-up Woodbury form of ``(F + lam I)^-1`` (ALGORITHM.md section 2).
+
+    ``leaf_inv [2^P, L, L]``: inverses of the damped leaves. Per level ``k``:
+    ``z0[k], z1[k] [2^k, h]`` (``Z = D^-1 W = [[z0, 0], [0, z1]]``, ``z0 = M1^-1 v``,
+    ``z1 = M2^-1 u``) and ``c[k] [2^k, 2, 2]`` (``C = (I + S W^T Z)^-1 S``). At every node
+    ``M^-1 = blockdiag(M1^-1, M2^-1) - Z C Z^T``.
+    """
+
+    leaf_inv: jax.Array
+    z0: tuple
+    z1: tuple
+    c: tuple
+
+
+def _woodbury_core(s, alpha, beta):
+    """``C = (I + S W^T Z)^-1 S`` for ``S = [[0, s], [s, 0]]``, ``W^T Z = diag(alpha, beta)``.
+
+    ``I + S W^T Z = [[1, s beta], [s alpha, 1]]``; no ``S^-1`` is needed, so ``s = 0``
+    gives ``C = 0``.
+    """
+    det = 1 - s * s * alpha * beta
+    return jnp.stack([
+        jnp.stack([-s * s * beta, s]),
+        jnp.stack([s, -s * s * alpha]),
+    ]) / det
+
+
+def _correction(inv: _HodlrInverse, level: int, y: jax.Array) -> jax.Array:
+    """``Z C Z^T y`` at every node of ``level`` for ``y [D, k]``; returns ``[D, k]``."""
+    z0, z1, c = inv.z0[level], inv.z1[level], inv.c[level]
+    y3 = y.reshape(z0.shape[0], 2, z0.shape[1], y.shape[-1])
+    t = jnp.stack([
+        jnp.einsum("jh,jhk->jk", z0, y3[:, 0], precision=_HI),
+        jnp.einsum("jh,jhk->jk", z1, y3[:, 1], precision=_HI),
+    ], axis=1)                                                    # [T, 2, k]
+    w = jnp.einsum("jab,jbk->jak", c, t, precision=_HI)          # [T, 2, k]
+    out = jnp.stack([z0[:, :, None] * w[:, 0, None, :], z1[:, :, None] * w[:, 1, None, :]], 1)
+    return out.reshape(y.shape)
+
+
+def _apply_inverse(h: HodlrFactor, inv: _HodlrInverse, y: jax.Array, top: int) -> jax.Array:
+    """``blockdiag over level-top nodes of M_node^-1`` applied to ``y [D, k]``.
+
+    Unrolls ``M_top^-1 y = M_(top+1)^-1 y - Z C Z^T y``:
+    ``= leaf_inv y - sum_{l = top}^{P-1} Z_l C_l Z_l^T y``. Only levels already in ``inv``
+    (``l >= top``) are used.
+    """
+    nb, leaf = 1 << h.num_partition, h.leaf_size
+    kk = y.shape[-1]
+    r = jnp.einsum("jab,jbk->jak", inv.leaf_inv, y.reshape(nb, leaf, kk), precision=_HI)
+    r = r.reshape(y.shape)
+    for level in range(top, h.num_partition):
+        r = r - _correction(inv, level, y)
+    return r
+
+
+def _hodlr_inverse(h: HodlrFactor, lam) -> _HodlrInverse:
+    """Build the Woodbury form bottom-up (levels ``P-1 .. 0``), nodes of a level batched."""
+    nb, leaf, dd, p = 1 << h.num_partition, h.leaf_size, h.padded_dim, h.num_partition
+    real = jnp.arange(dd) < h.dim
+    shift = jnp.where(real, lam, jnp.ones((), h.dtype)).reshape(nb, leaf)
+    damped = h.leaves + shift[:, :, None] * jnp.eye(leaf, dtype=h.dtype)
+    inv = _HodlrInverse(leaf_inv=jnp.linalg.inv(damped), z0=(None,) * p, z1=(None,) * p,
+                        c=(None,) * p)
+    core = jax.vmap(_woodbury_core)
+    for level in range(p - 1, -1, -1):
+        u, s, v = h.u[level], h.s[level], h.v[level]
+        # W's columns for every node at once: [v; 0] and [0; u] share no rows, so one
+        # D-vector [v_0; u_0; v_1; u_1; ...] carries both; D^-1 is the children's inverse.
+        w = jnp.stack([v, u], axis=1).reshape(dd, 1)
+        z = _apply_inverse(h, inv, w, level + 1).reshape(1 << level, 2, dd >> (level + 1))
+        z0, z1 = z[:, 0], z[:, 1]
+        alpha = jnp.sum(v * z0, axis=1)        # v^T M1^-1 v
+        beta = jnp.sum(u * z1, axis=1)         # u^T M2^-1 u
+        c = core(s, alpha, beta)
+        inv = inv.replace(
+            z0=inv.z0[:level] + (z0,) + inv.z0[level + 1:],
+            z1=inv.z1[:level] + (z1,) + inv.z1[level + 1:],
+            c=inv.c[:level] + (c,) + inv.c[level + 1:],
+        )
+    return inv
+
+
+def _hodlr_inv_diag(h: HodlrFactor, lam) -> jax.Array:
+    inv = _hodlr_inverse(h, lam)
+    out = jnp.diagonal(inv.leaf_inv, axis1=1, axis2=2).reshape(-1)
+    for level in range(h.num_partition):
+        z0, z1, c = inv.z0[level], inv.z1[level], inv.c[level]
+        # rowsum((Z C) * Z): Z's rows are [z0_i, 0] (upper half) or [0, z1_i] (lower half)
+        corr = jnp.stack([c[:, 0, 0, None] * z0 * z0, c[:, 1, 1, None] * z1 * z1], axis=1)
+        out = out - corr.reshape(-1)
+    return out[: h.dim]
+
+
+def _dense_damped(h: DenseFactor, lam):
+    return h.mat + lam * jnp.eye(h.dim, dtype=h.dtype)
+
+
+@partial(jax.jit, static_argnames=("relative",))
+def inv_diag(h: Factor, damping=1e-6, relative: bool = False) -> jax.Array:
+    """``diag((F + lam I)^-1)``, ``[dim]``; ``lam = damping`` or ``damping * mean(diag F)``.
+
+    hodlr: bottom-up Woodbury (ALGORITHM.md section 2). At a node with children ``M1, M2``:
+    ``M = D + W S W^T``, ``D = blockdiag(M1, M2)``, ``W = [[v, 0], [0, u]]``,
+    ``S = [[0, s], [s, 0]]``; ``M^-1 = D^-1 - Z C Z^T`` with ``Z = D^-1 W`` and
+    ``C = (I + S W^T Z)^-1 S`` (safe for ``s = 0``), so
+    ``diag(M^-1) = [diag(M1^-1); diag(M2^-1)] - rowsum((Z C) * Z)``. ``Z`` needs solves
+    with the children, which reuse the ``Z, C`` of the deeper levels; the damped ``L x L``
+    leaves are inverted densely (batched). Cost ``O(P (d L + P d))``, memory ``O(d L)``.
+    It matches ``numpy.linalg.inv`` of the assembled HODLR matrix (not of the exact ``F``).
+    dense: Cholesky (falls back to LU if ``F + lam I`` is not positive definite);
+    diagonal: ``1 / (d + lam)``.
+    """
+    _check_factor(h)
+    lam = _damping(h, damping, relative)
+    if isinstance(h, DiagonalFactor):
+        return 1.0 / (h.d + lam)
+    if isinstance(h, DenseFactor):
+        m = _dense_damped(h, lam)
+        chol = jnp.linalg.cholesky(m)
+        eye = jnp.eye(h.dim, dtype=h.dtype)
+
+        def by_cholesky(_):
+            li = jax.scipy.linalg.solve_triangular(chol, eye, lower=True)
+            return jnp.sum(li * li, axis=0)
+
+        def by_lu(_):
+            return jnp.diagonal(jnp.linalg.solve(m, eye))
+
+        return lax.cond(jnp.all(jnp.isfinite(chol)), by_cholesky, by_lu, None)
+    return _hodlr_inv_diag(h, lam)
+
+
+@partial(jax.jit, static_argnames=("relative",))
+def solve(h: Factor, x, damping=1e-6, relative: bool = False) -> jax.Array:
+    """``(F + lam I)^-1 x`` for ``x [dim]`` or ``[dim, k]`` (same damping as :func:`inv_diag`).
+
+    hodlr: the same bottom-up Woodbury form, applied top-down as a sum of per-level
+    rank-2 corrections; never forms a ``d x d`` matrix.
+    """
+    _check_factor(h)
+    lam = _damping(h, damping, relative)
+    xp, vec = _as_cols(h, x, "x")
+    if isinstance(h, DiagonalFactor):
+        y = xp / (h.d + lam)[:, None]
+    elif isinstance(h, DenseFactor):
+        y = jnp.linalg.solve(_dense_damped(h, lam), xp)
+    else:
+        y = _apply_inverse(h, _hodlr_inverse(h, lam), xp, 0)[: h.dim]
+    return y[:, 0] if vec else y
