@@ -1,0 +1,177 @@
+"""LoRA (Hu et al., 2021) as a baseline beside Sylva, hooked in through ``linear_fn``.
+
+For a linear weight ``W [out, in]`` in scope, LoRA trains two factors
+``A [r, in]`` and ``B [out, r]`` and computes (PEFT semantics)
+
+    y = x W^T + b + (alpha / r) * (drop(x) A^T) B^T
+
+with ``W`` and ``b`` frozen (``stop_gradient``), dropout applied to the LoRA input branch
+only, ``A`` drawn Kaiming-uniform with ``a = sqrt(5)`` (PEFT's default:
+``U(-1/sqrt(in), 1/sqrt(in))``) and ``B = 0`` so that the adapted model equals the base at
+initialisation. The update is applied as two skinny matmuls (``[.., in] -> [.., r] ->
+[.., out]``); the dense delta ``B A`` is formed only by :func:`merge_lora`.
+
+Scope semantics are the adapter's: a weight is adapted when its '.'-joined path matches one
+of the scope patterns with ``re.search`` (a plain substring such as ``"self_attn"`` or
+``"model.layers"`` is a valid pattern) and it is a 2-D linear weight (``*.weight``,
+embeddings excluded).
+"""
+from __future__ import annotations
+
+import math
+import re
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from sylva_jax import tree as tree_lib
+from sylva_jax.ops import dense_linear
+
+__all__ = ["LoraParams", "lora_paths", "init_lora", "lora_linear_fn", "merge_lora", "num_lora_params"]
+
+
+@struct.dataclass
+class LoraParams:
+    """The trainable LoRA factors (a pytree) and their static hyper-parameters.
+
+    factors: ``{path: {"a": [r, in], "b": [out, r]}}`` keyed by the adapted weight's path.
+    rank, alpha: static; the update is scaled by ``alpha / rank``.
+    """
+
+    factors: dict
+    rank: int = struct.field(pytree_node=False)
+    alpha: float = struct.field(pytree_node=False)
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
+def _patterns(scope: str | Sequence[str]) -> list[str]:
+    if isinstance(scope, str):
+        return [scope]
+    scope = list(scope)
+    if not scope or not all(isinstance(s, str) for s in scope):
+        raise ValueError(f"scope must be a non-empty string or list of strings, got {scope!r}")
+    return scope
+
+
+def lora_paths(params: Any, scope: str | Sequence[str]) -> list[str]:
+    """Paths of the 2-D linear weights of ``params`` matching ``scope`` (``re.search``).
+
+    Embedding tables (``embed_tokens``) are never adapted: they are not linear layers.
+    Raises ``ValueError`` if nothing matches (a typo in the scope would otherwise train
+    nothing silently).
+    """
+    pats = [re.compile(p) for p in _patterns(scope)]
+    out = []
+    for path, leaf in tree_lib.flatten(params).items():
+        if not path.endswith(".weight") or getattr(leaf, "ndim", 0) != 2 or "embed_tokens" in path:
+            continue
+        if any(p.search(path) for p in pats):
+            out.append(path)
+    if not out:
+        raise ValueError(
+            f"LoRA scope {scope!r} matches no 2-D linear weight; valid paths look like "
+            f"'model.layers.0.self_attn.q_proj.weight' (use e.g. scope='self_attn' or 'model.layers')"
+        )
+    return out
+
+
+def init_lora(
+    params: Any,
+    *,
+    scope: str | Sequence[str] = "self_attn",
+    rank: int = 16,
+    alpha: float = 32.0,
+    rng: jax.Array | int = 0,
+    dtype: Any = None,
+) -> LoraParams:
+    """Fresh LoRA factors for every weight of ``params`` in ``scope``.
+
+    ``A [r, in] ~ U(-1/sqrt(in), 1/sqrt(in))`` (PEFT's ``kaiming_uniform_(a=sqrt(5))``),
+    ``B [out, r] = 0``. ``dtype`` defaults to each weight's dtype.
+    """
+    if not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"LoRA rank must be a positive int, got {rank!r}")
+    if isinstance(rng, int):
+        rng = jax.random.PRNGKey(rng)
+    flat = tree_lib.flatten(params)
+    factors = {}
+    for i, path in enumerate(lora_paths(params, scope)):
+        w = flat[path]
+        out_dim, in_dim = w.shape
+        if rank > min(out_dim, in_dim):
+            raise ValueError(f"LoRA rank {rank} exceeds min(out, in) = {min(out_dim, in_dim)} of {path}")
+        dt = dtype or w.dtype
+        bound = 1.0 / math.sqrt(in_dim)
+        a = jax.random.uniform(jax.random.fold_in(rng, i), (rank, in_dim), jnp.float32, -bound, bound)
+        factors[path] = {"a": a.astype(dt), "b": jnp.zeros((out_dim, rank), dt)}
+    return LoraParams(factors=factors, rank=rank, alpha=float(alpha))
+
+
+def num_lora_params(lora: LoraParams) -> int:
+    """Number of trainable scalars (``r * (in + out)`` per adapted weight)."""
+    return int(sum(x.size for x in jax.tree_util.tree_leaves(lora)))
+
+
+def lora_linear_fn(
+    lora: LoraParams,
+    *,
+    dropout: float = 0.0,
+    rng: jax.Array | None = None,
+) -> Callable:
+    """The ``linear_fn(name, x, w, b)`` hook for a LoRA-adapted model.
+
+    ``x: [..., in]``, ``w: [out, in]``, ``b: [out] | None`` -> ``[..., out]``. Adapted
+    weights add ``scale * (drop(x) A^T) B^T``; every ``w`` and ``b`` is frozen
+    (``stop_gradient``), so differentiating through this hook yields gradients for the
+    factors only and never a dense weight gradient. Dropout (rate ``dropout``, inverted
+    scaling as ``torch.nn.Dropout``) needs ``rng``; each weight draws an independent mask
+    from ``fold_in(rng, index of its path)``.
+    """
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout}")
+    if dropout > 0.0 and rng is None:
+        raise ValueError("LoRA dropout > 0 needs an rng key; pass rng=... (or dropout=0 for evaluation)")
+    index = {p: i for i, p in enumerate(lora.factors)}
+    scale = lora.scale
+
+    def linear_fn(name, x, w, b=None):
+        y = dense_linear(x, jax.lax.stop_gradient(w), None if b is None else jax.lax.stop_gradient(b))
+        f = lora.factors.get(name)
+        if f is None:
+            return y
+        xd = x
+        if dropout > 0.0:
+            keep = jax.random.bernoulli(jax.random.fold_in(rng, index[name]), 1.0 - dropout, x.shape)
+            xd = jnp.where(keep, x / (1.0 - dropout), jnp.zeros((), x.dtype)).astype(x.dtype)
+        h = xd @ f["a"].T.astype(x.dtype)  # [..., r]
+        return y + (scale * (h @ f["b"].T.astype(x.dtype))).astype(y.dtype)
+
+    return linear_fn
+
+
+def merge_lora(params: Any, lora: LoraParams) -> Any:
+    """``params`` with ``W <- W + (alpha/r) B A`` for every adapted weight (structure kept).
+
+    The merged model's plain forward equals the adapted forward without dropout (up to the
+    rounding of adding the delta once into ``W``).
+    """
+    flat = tree_lib.flatten(params)
+    missing = [p for p in lora.factors if p not in flat]
+    if missing:
+        raise KeyError(f"LoRA factors for {missing[:3]} have no weight in params; wrong base model?")
+
+    def merge(path, w):
+        f = lora.factors.get(path)
+        if f is None:
+            return w
+        delta = lora.scale * (f["b"].astype(jnp.float32) @ f["a"].astype(jnp.float32))
+        if delta.shape != w.shape:
+            raise ValueError(f"LoRA delta {delta.shape} does not match weight {path} {w.shape}")
+        return (w.astype(jnp.float32) + delta).astype(w.dtype)
+
+    return tree_lib.map_flat(merge, params)
