@@ -136,6 +136,10 @@ def test_chat_template_labels_assistant_content_and_end_of_turn():
     # a tokenizer without a template is told to use 'plain'
     with pytest.raises(ValueError, match="chat_template"):
         tokenize_conversation(WordTokenizer(), conv, 64, template="chat")
+    with pytest.raises(ValueError, match="starts with an assistant turn"):
+        tokenize_conversation(tok, {"messages": conv["messages"][1:]}, 64, template="chat")
+    with pytest.raises(ValueError, match="unknown template"):
+        tokenize_conversation(tok, conv, 64, template="alpaca")
 
 
 def test_bos_rules_and_truncation_keeps_start():

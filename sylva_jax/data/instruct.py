@@ -404,7 +404,10 @@ def _chat_segments(tok, messages: list[dict]) -> list[tuple[str, bool]]:
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        before = render(messages[:i], True) if i else ""
+        if i == 0:
+            raise ValueError("template='chat': the conversation starts with an assistant turn; chat templates "
+                             "need a system or user turn first (use template='plain' or add a user turn)")
+        before = render(messages[:i], True)
         through = render(messages[: i + 1], False)
         if not before.startswith(done) or not through.startswith(before):
             raise ValueError(
