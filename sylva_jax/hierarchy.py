@@ -34,7 +34,7 @@ this does not change any real entry. Every output is stripped back to ``dim``.
 """
 from __future__ import annotations
 
-from functools import partial
+from functools import lru_cache, partial
 from typing import Union
 
 import jax
@@ -242,6 +242,96 @@ def init(dim: int, num_partition: int = 8, dtype=jnp.float32, kind: str = "hodlr
     )
 
 
+# --------------------------------------------------------------------------- packed levels
+#
+# All off-diagonal levels hold the same number of entries (u and v of level k are
+# ``2^k x h_k = D/2`` numbers), so the levels are processed together: ``u``/``v`` are packed
+# into ``[P, D/2]`` arrays (level-major), the ``T = 2^P - 1`` tiles are numbered in heap
+# order (level k, node j -> ``2^k - 1 + j``), per-tile reductions are one ``segment_sum``
+# and per-tile scalar work is one ``vmap`` over all tiles of all levels. This is the same
+# arithmetic as a ``vmap`` over the nodes of each level, but the traced program does not
+# grow with ``P`` (fast compiles), and no array is larger than ``[P, D, k]``.
+
+
+@lru_cache(maxsize=None)
+def _tables(padded_dim: int, num_partition: int):
+    """Static index tables for ``D = padded_dim``, ``P = num_partition`` (NumPy int32).
+
+    ``col [P, D/2]``: position in ``[0, D)`` of packed entry ``i`` of level ``k``'s column
+    (upper-half, ``v``) slices; ``row [P, D/2]``: same for the row (lower-half, ``u``)
+    slices; ``tid [P, D/2]``: heap index of the tile entry ``i`` belongs to;
+    ``perm [P, D]``: for every position ``p``, its index in ``concat(col-part, row-part)``
+    (the inverse permutation, so gathers replace scatters); ``level [T]``: each tile's level.
+    """
+    dd, p, half = padded_dim, num_partition, padded_dim // 2
+    col = np.empty((p, half), np.int32)
+    row = np.empty((p, half), np.int32)
+    tid = np.empty((p, half), np.int32)
+    perm = np.empty((p, dd), np.int32)
+    i = np.arange(half)
+    for k in range(p):
+        hk = dd >> (k + 1)
+        j, o = i // hk, i % hk
+        col[k] = 2 * hk * j + o
+        row[k] = 2 * hk * j + hk + o
+        tid[k] = (1 << k) - 1 + j
+        perm[k, col[k]] = i
+        perm[k, row[k]] = half + i
+    level = np.repeat(np.arange(p, dtype=np.int32), [1 << k for k in range(p)])
+    return col, row, tid, perm, level
+
+
+def _pack(h: HodlrFactor):
+    """Per-level ``u, s, v`` -> ``u [P, D/2]``, ``s [T]``, ``v [P, D/2]``."""
+    u = jnp.stack([x.reshape(-1) for x in h.u])
+    v = jnp.stack([x.reshape(-1) for x in h.v])
+    return u, jnp.concatenate(h.s), v
+
+
+def _unpack(h: HodlrFactor, u, s, v) -> HodlrFactor:
+    p = h.num_partition
+    us = tuple(u[k].reshape(1 << k, -1) for k in range(p))
+    vs = tuple(v[k].reshape(1 << k, -1) for k in range(p))
+    ss = tuple(s[(1 << k) - 1:(1 << (k + 1)) - 1] for k in range(p))
+    return h.replace(u=us, s=ss, v=vs)
+
+
+def _segsum(x: jax.Array, tid, num_tiles: int) -> jax.Array:
+    """Per-tile sums: ``x [P, D/2, ...]`` -> ``[T, ...]``."""
+    flat = x.reshape((-1,) + x.shape[2:])
+    return jax.ops.segment_sum(flat, jnp.asarray(tid).reshape(-1), num_segments=num_tiles,
+                               indices_are_sorted=True)
+
+
+def _lowrank_apply(h: HodlrFactor, z0, z1, c, y: jax.Array) -> jax.Array:
+    """``sum over all tiles of Z C Z^T y`` for ``y [D, k]``; returns ``[D, k]``.
+
+    ``z0`` (column/upper part) and ``z1`` (row/lower part) are ``[P, D/2]``, ``c [T, 2, 2]``;
+    tile ``t`` contributes ``Z_t C_t Z_t^T`` with ``Z_t = [[z0_t, 0], [0, z1_t]]``. With
+    ``z0 = v``, ``z1 = u``, ``C = [[0, s], [s, 0]]`` this is the off-diagonal part of ``F``;
+    with the Woodbury ``Z, C`` it is the correction in ``M^-1 = D^-1 - Z C Z^T``.
+    """
+    col, row, tid, perm, _ = _tables(h.padded_dim, h.num_partition)
+    num_tiles = (1 << h.num_partition) - 1
+    tid_j = jnp.asarray(tid)
+    yc, yr = y[jnp.asarray(col)], y[jnp.asarray(row)]                 # [P, D/2, k]
+    t0 = _segsum(z0[..., None] * yc, tid, num_tiles)                  # [T, k]
+    t1 = _segsum(z1[..., None] * yr, tid, num_tiles)
+    w0 = c[:, 0, 0, None] * t0 + c[:, 0, 1, None] * t1
+    w1 = c[:, 1, 0, None] * t0 + c[:, 1, 1, None] * t1
+    vals = jnp.concatenate([z0[..., None] * w0[tid_j], z1[..., None] * w1[tid_j]], axis=1)
+    vals = jnp.take_along_axis(vals, jnp.asarray(perm)[..., None], axis=1)  # [P, D, k]
+    return jnp.sum(vals, axis=0)
+
+
+def _per_level_sum(h: HodlrFactor, upper: jax.Array, lower: jax.Array) -> jax.Array:
+    """Scatter per-level values at column (``upper [P, D/2]``) and row (``lower``)
+    positions back to ``[D]`` and sum over levels."""
+    perm = jnp.asarray(_tables(h.padded_dim, h.num_partition)[3])
+    vals = jnp.take_along_axis(jnp.concatenate([upper, lower], axis=1), perm, axis=1)
+    return jnp.sum(vals, axis=0)
+
+
 # --------------------------------------------------------------------------- Brand steps
 
 
@@ -264,23 +354,73 @@ def _top_triple_2x2(k: jax.Array):
     return q + r, x, y
 
 
-def _split_off(basis: jax.Array, a: jax.Array):
-    """``a = basis * m + p`` with ``p`` orthogonal to the unit (or zero) vector ``basis``.
+def _brand_core(s, m, ra, n, rb):
+    """Top triple of the Brand core ``K = [[s, 0], [0, 0]] + [m, ra]^T [n, rb]`` (one tile)."""
+    core = jnp.stack([jnp.stack([s + m * n, m * rb]), jnp.stack([ra * n, ra * rb])])
+    return _top_triple_2x2(core)
 
-    Returns ``(m, p_hat, rho)`` with ``p = rho * p_hat``, ``|p_hat| = 1`` or ``p_hat = 0``
-    when ``p`` is at rounding level (``rho`` is then 0 too: the update is carried entirely
-    by ``m``, never divided by zero). Gram-Schmidt is applied twice so ``p`` stays
+
+def _split_off(basis, a, tid, num_tiles: int):
+    """Per tile: ``a = basis * m + p`` with ``p`` orthogonal to ``basis`` (unit or zero).
+
+    ``basis, a: [P, D/2]`` (packed). Returns ``(m [T], p_hat [P, D/2], rho [T])`` with
+    ``p = rho * p_hat``, ``|p_hat| = 1`` per tile, or ``p_hat = 0`` and ``rho = 0`` when
+    ``p`` is at rounding level (``rho <= 16 eps |a|``): the update is then carried by ``m``
+    alone and nothing is divided by zero. Gram-Schmidt runs twice so ``p`` stays
     orthogonal to ``basis`` in float32.
     """
-    m = jnp.dot(basis, a, precision=_HI)
-    p = a - basis * m
-    dm = jnp.dot(basis, p, precision=_HI)
-    p, m = p - basis * dm, m + dm
-    rho = jnp.linalg.norm(p)
-    tol = 16 * jnp.finfo(a.dtype).eps * jnp.linalg.norm(a)
+    tid_j = jnp.asarray(tid)
+    m = _segsum(basis * a, tid, num_tiles)
+    p = a - basis * m[tid_j]
+    dm = _segsum(basis * p, tid, num_tiles)
+    p, m = p - basis * dm[tid_j], m + dm
+    rho = jnp.sqrt(_segsum(p * p, tid, num_tiles))
+    tol = 16 * jnp.finfo(a.dtype).eps * jnp.sqrt(_segsum(a * a, tid, num_tiles))
     ok = rho > tol
-    p_hat = jnp.where(ok, p / jnp.where(ok, rho, 1), 0)
+    p_hat = jnp.where(ok[tid_j], p / jnp.where(ok, rho, 1)[tid_j], 0)
     return m, p_hat, jnp.where(ok, rho, 0)
+
+
+def _renormalise_packed(vec, scale, tid, num_tiles: int):
+    """Unit-normalise every tile's slice of ``vec [P, D/2]``, folding the norm into
+    ``scale [T]``; tiles with zero scale or zero vector become all-zero."""
+    tid_j = jnp.asarray(tid)
+    nrm = jnp.sqrt(_segsum(vec * vec, tid, num_tiles))
+    live = (nrm > 0) & (scale > 0)
+    vec = jnp.where(live[tid_j], vec / jnp.where(live, nrm, 1)[tid_j], 0)
+    return vec, jnp.where(live, scale * nrm, 0)
+
+
+def _brand_step(h: HodlrFactor, u, s, v, a):
+    """One Brand incremental-SVD step truncated to rank 1 on every tile (ALGORITHM.md s.2).
+
+    ``u, v: [P, D/2]`` packed, ``s: [T]``, ``a: [D]``. Tile ``t`` becomes the top singular
+    triple of ``s u v^T + a_row a_col^T``: with ``m = u^T a_row``, ``p = a_row - u m``,
+    ``ra = |p|``, ``n = v^T a_col``, ``q = a_col - v n``, ``rb = |q|``, the 2x2 core
+    ``K = [[s, 0], [0, 0]] + [m, ra]^T [n, rb]`` gives ``(s', x, y)`` and
+    ``u' = [u, p/ra] x``, ``v' = [v, q/rb] y``. An empty tile (``s = 0``) is treated as
+    ``u = v = 0``, which yields the first-sample initialisation ``u = a_row/|a_row|``,
+    ``v = a_col/|a_col|``, ``s = |a_row||a_col|``; ``ra, rb ~ 0`` are never divided by.
+    """
+    col, row, tid, _, _ = _tables(h.padded_dim, h.num_partition)
+    num_tiles = (1 << h.num_partition) - 1
+    tid_j = jnp.asarray(tid)
+    a_col, a_row = a[jnp.asarray(col)], a[jnp.asarray(row)]
+    live = s > 0
+    u = jnp.where(live[tid_j], u, 0)
+    v = jnp.where(live[tid_j], v, 0)
+    s = jnp.where(live, s, 0)
+    m, p_hat, ra = _split_off(u, a_row, tid, num_tiles)
+    n, q_hat, rb = _split_off(v, a_col, tid, num_tiles)
+    sigma, x, y = jax.vmap(_brand_core)(s, m, ra, n, rb)                # [T], [T, 2]
+    u_new = u * x[tid_j, 0] + p_hat * x[tid_j, 1]
+    v_new = v * y[tid_j, 0] + q_hat * y[tid_j, 1]
+    # [u, p_hat], [v, q_hat] are orthonormal up to rounding (or have zero columns);
+    # renormalising keeps |u'| = |v'| = 1 exactly and folds any drift into s'.
+    u_new, s_new = _renormalise_packed(u_new, sigma, tid, num_tiles)
+    v_new, s_new = _renormalise_packed(v_new, s_new, tid, num_tiles)
+    u_new = jnp.where((s_new > 0)[tid_j], u_new, 0)
+    return u_new, s_new, v_new
 
 
 def _renormalise(vec: jax.Array, scale: jax.Array):
@@ -288,30 +428,6 @@ def _renormalise(vec: jax.Array, scale: jax.Array):
     nrm = jnp.linalg.norm(vec)
     live = (nrm > 0) & (scale > 0)
     return jnp.where(live, vec / jnp.where(live, nrm, 1), 0), jnp.where(live, scale * nrm, 0)
-
-
-def _brand_rank1(u, s, v, a_row, a_col):
-    """One Brand incremental-SVD step, truncated to rank 1 (ALGORITHM.md section 2).
-
-    ``u, a_row: [h]`` (rows of the tile), ``v, a_col: [h]`` (columns), ``s: []``. Returns
-    the top singular triple ``(u', s', v')`` of ``s u v^T + a_row a_col^T``, i.e. of the 2x2
-    core ``K = [[s, 0], [0, 0]] + [m, ra]^T [n, rb]`` in the basis ``[u, p/ra]``,
-    ``[v, q/rb]``. An empty tile (``s = 0``) is treated as ``u = v = 0``, which gives the
-    first-sample initialisation ``u = a_row/|a_row|``, ``v = a_col/|a_col|``,
-    ``s = |a_row||a_col|``. ``ra``/``rb ~ 0`` contribute nothing and are never divided by.
-    """
-    live = s > 0
-    u, v, s = jnp.where(live, u, 0), jnp.where(live, v, 0), jnp.where(live, s, 0)
-    m, p_hat, ra = _split_off(u, a_row)
-    n, q_hat, rb = _split_off(v, a_col)
-    core = jnp.stack([jnp.stack([s + m * n, m * rb]), jnp.stack([ra * n, ra * rb])])
-    sigma, x, y = _top_triple_2x2(core)
-    # [u, p_hat] and [v, q_hat] are orthonormal up to rounding (or have zero columns);
-    # renormalising keeps |u'| = |v'| = 1 exactly and folds any drift into s'.
-    u_new, s_new = _renormalise(u * x[0] + p_hat * x[1], sigma)
-    v_new, s_new = _renormalise(v * y[0] + q_hat * y[1], s_new)
-    u_new = jnp.where(s_new > 0, u_new, 0)
-    return u_new, s_new, v_new
 
 
 def _orth_block(basis: jax.Array, a: jax.Array):
@@ -372,9 +488,10 @@ def _leaf_gram(h: HodlrFactor, x: jax.Array) -> jax.Array:
 def update(h: Factor, vectors) -> Factor:
     """Add ``sum_n a_n a_n^T`` for ``vectors [dim]`` or ``[n, dim]`` (ALGORITHM.md section 2).
 
-    hodlr: leaves get the exact outer products (one batched einsum over all vectors); each
-    level's off-diagonal tiles get the vectors one at a time, in order (``lax.scan``), as
-    Brand rank-1 steps truncated to rank 1, one ``vmap`` over the ``2^k`` tiles of a level.
+    hodlr: leaves get the exact outer products (one batched einsum over all vectors); the
+    off-diagonal tiles get the vectors one at a time, in order (``lax.scan``), as Brand
+    rank-1 steps truncated to rank 1 (:func:`_brand_step`), every tile of every level in one
+    batched step (the per-tile 2x2 core SVD is one ``vmap`` over the tiles).
     dense / diagonal: exact.
     """
     _check_factor(h)
@@ -384,21 +501,14 @@ def update(h: Factor, vectors) -> Factor:
     if isinstance(h, DiagonalFactor):
         return h.replace(d=h.d + jnp.sum(x * x, axis=0))
     leaves = h.leaves + _leaf_gram(h, x)
-    brand = jax.vmap(_brand_rank1)
+    if h.num_partition == 0:
+        return h.replace(leaves=leaves)
 
     def step(carry, a):
-        us, ss, vs = carry
-        new_u, new_s, new_v = [], [], []
-        for k in range(h.num_partition):
-            col, row = _level_slices(a, k)
-            uk, sk, vk = brand(us[k], ss[k], vs[k], row, col)
-            new_u.append(uk)
-            new_s.append(sk)
-            new_v.append(vk)
-        return (tuple(new_u), tuple(new_s), tuple(new_v)), None
+        return _brand_step(h, *carry, a), None
 
-    (us, ss, vs), _ = lax.scan(step, (h.u, h.s, h.v), x)
-    return h.replace(leaves=leaves, u=us, s=ss, v=vs)
+    (u, s, v), _ = lax.scan(step, _pack(h), x)
+    return _unpack(h.replace(leaves=leaves), u, s, v)
 
 
 def _block_level_small(u, s, v, rows, cols):
@@ -505,22 +615,24 @@ def update_block(h: Factor, x, *, chunk: int = 64, rank: int = 32) -> Factor:
 # --------------------------------------------------------------------------- products
 
 
+def _leaf_apply(h: HodlrFactor, blocks: jax.Array, x: jax.Array) -> jax.Array:
+    """Block-diagonal product: ``blocks [2^P, L, L]`` with ``x [D, k]`` -> ``[D, k]``."""
+    nb, leaf, kk = 1 << h.num_partition, h.leaf_size, x.shape[1]
+    y = jnp.einsum("jab,jbk->jak", blocks, x.reshape(nb, leaf, kk), precision=_HI)
+    return y.reshape(x.shape)
+
+
 def _hodlr_matmat(h: HodlrFactor, x: jax.Array) -> jax.Array:
-    """``F x`` for ``x [D, k]`` (padded): leaves, then ``s u (v^T x_upper)`` into the lower
-    half and ``s v (u^T x_lower)`` into the upper half of every node (transpose tile)."""
-    nb, leaf = 1 << h.num_partition, h.leaf_size
-    kk = x.shape[1]
-    y = jnp.einsum("jab,jbk->jak", h.leaves, x.reshape(nb, leaf, kk), precision=_HI)
-    y = y.reshape(h.padded_dim, kk)
-    for k in range(h.num_partition):
-        x3 = x.reshape(1 << k, 2, h.padded_dim >> (k + 1), kk)
-        u, s, v = h.u[k], h.s[k], h.v[k]
-        t_up = s[:, None] * jnp.einsum("jh,jhk->jk", v, x3[:, 0], precision=_HI)
-        t_lo = s[:, None] * jnp.einsum("jh,jhk->jk", u, x3[:, 1], precision=_HI)
-        upper = v[:, :, None] * t_lo[:, None, :]
-        lower = u[:, :, None] * t_up[:, None, :]
-        y = y + jnp.stack([upper, lower], axis=1).reshape(h.padded_dim, kk)
-    return y
+    """``F x`` for ``x [D, k]`` (padded): leaves, plus for every tile ``s u (v^T x_upper)``
+    into the lower half and ``s v (u^T x_lower)`` into the upper half (the upper-right tile
+    is the transpose of the lower-left one)."""
+    y = _leaf_apply(h, h.leaves, x)
+    if h.num_partition == 0:
+        return y
+    u, s, v = _pack(h)
+    zero = jnp.zeros_like(s)
+    c = jnp.stack([jnp.stack([zero, s], -1), jnp.stack([s, zero], -1)], -2)  # S per tile
+    return y + _lowrank_apply(h, v, u, c, x)
 
 
 @jax.jit
@@ -591,16 +703,17 @@ def _damping(h: Factor, damping, relative: bool):
 class _HodlrInverse:
     """Bottom-up Woodbury form of ``(F + lam I)^-1`` (ALGORITHM.md section 2).
 
-    ``leaf_inv [2^P, L, L]``: inverses of the damped leaves. Per level ``k``:
-    ``z0[k], z1[k] [2^k, h]`` (``Z = D^-1 W = [[z0, 0], [0, z1]]``, ``z0 = M1^-1 v``,
-    ``z1 = M2^-1 u``) and ``c[k] [2^k, 2, 2]`` (``C = (I + S W^T Z)^-1 S``). At every node
-    ``M^-1 = blockdiag(M1^-1, M2^-1) - Z C Z^T``.
+    ``leaf_inv [2^P, L, L]``: inverses of the damped leaves. Packed over levels (see
+    :func:`_tables`): ``z0, z1 [P, D/2]`` (per node ``Z = D^-1 W = [[z0, 0], [0, z1]]``
+    with ``z0 = M1^-1 v``, ``z1 = M2^-1 u``) and ``c [T, 2, 2]``
+    (``C = (I + S W^T Z)^-1 S``). At every node ``M^-1 = blockdiag(M1^-1, M2^-1) - Z C Z^T``,
+    so ``(F + lam I)^-1 = blockdiag(leaf_inv) - sum over all nodes of Z C Z^T``.
     """
 
     leaf_inv: jax.Array
-    z0: tuple
-    z1: tuple
-    c: tuple
+    z0: jax.Array
+    z1: jax.Array
+    c: jax.Array
 
 
 def _woodbury_core(s, alpha, beta):
@@ -616,70 +729,62 @@ def _woodbury_core(s, alpha, beta):
     ]) / det
 
 
-def _correction(inv: _HodlrInverse, level: int, y: jax.Array) -> jax.Array:
-    """``Z C Z^T y`` at every node of ``level`` for ``y [D, k]``; returns ``[D, k]``."""
-    z0, z1, c = inv.z0[level], inv.z1[level], inv.c[level]
-    y3 = y.reshape(z0.shape[0], 2, z0.shape[1], y.shape[-1])
-    t = jnp.stack([
-        jnp.einsum("jh,jhk->jk", z0, y3[:, 0], precision=_HI),
-        jnp.einsum("jh,jhk->jk", z1, y3[:, 1], precision=_HI),
-    ], axis=1)                                                    # [T, 2, k]
-    w = jnp.einsum("jab,jbk->jak", c, t, precision=_HI)          # [T, 2, k]
-    out = jnp.stack([z0[:, :, None] * w[:, 0, None, :], z1[:, :, None] * w[:, 1, None, :]], 1)
-    return out.reshape(y.shape)
+def _apply_inverse(h: HodlrFactor, inv: _HodlrInverse, y: jax.Array) -> jax.Array:
+    """``blockdiag(leaf_inv) y - sum over nodes of Z C Z^T y`` for ``y [D, k]``.
 
-
-def _apply_inverse(h: HodlrFactor, inv: _HodlrInverse, y: jax.Array, top: int) -> jax.Array:
-    """``blockdiag over level-top nodes of M_node^-1`` applied to ``y [D, k]``.
-
-    Unrolls ``M_top^-1 y = M_(top+1)^-1 y - Z C Z^T y``:
-    ``= leaf_inv y - sum_{l = top}^{P-1} Z_l C_l Z_l^T y``. Only levels already in ``inv``
-    (``l >= top``) are used.
+    Nodes whose ``Z, C`` are still zero (levels not built yet) contribute nothing, so during
+    the bottom-up build this is exactly the solve with the children of the current level.
     """
-    nb, leaf = 1 << h.num_partition, h.leaf_size
-    kk = y.shape[-1]
-    r = jnp.einsum("jab,jbk->jak", inv.leaf_inv, y.reshape(nb, leaf, kk), precision=_HI)
-    r = r.reshape(y.shape)
-    for level in range(top, h.num_partition):
-        r = r - _correction(inv, level, y)
-    return r
+    r = _leaf_apply(h, inv.leaf_inv, y)
+    if h.num_partition == 0:
+        return r
+    return r - _lowrank_apply(h, inv.z0, inv.z1, inv.c, y)
 
 
 def _hodlr_inverse(h: HodlrFactor, lam) -> _HodlrInverse:
-    """Build the Woodbury form bottom-up (levels ``P-1 .. 0``), nodes of a level batched."""
+    """Build the Woodbury form bottom-up: a ``lax.scan`` over levels ``P-1 .. 0``; the nodes
+    of one level are handled together (their ``C`` by one ``vmap``)."""
     nb, leaf, dd, p = 1 << h.num_partition, h.leaf_size, h.padded_dim, h.num_partition
     real = jnp.arange(dd) < h.dim
     shift = jnp.where(real, lam, jnp.ones((), h.dtype)).reshape(nb, leaf)
     damped = h.leaves + shift[:, :, None] * jnp.eye(leaf, dtype=h.dtype)
-    inv = _HodlrInverse(leaf_inv=jnp.linalg.inv(damped), z0=(None,) * p, z1=(None,) * p,
-                        c=(None,) * p)
-    core = jax.vmap(_woodbury_core)
-    for level in range(p - 1, -1, -1):
-        u, s, v = h.u[level], h.s[level], h.v[level]
-        # W's columns for every node at once: [v; 0] and [0; u] share no rows, so one
-        # D-vector [v_0; u_0; v_1; u_1; ...] carries both; D^-1 is the children's inverse.
-        w = jnp.stack([v, u], axis=1).reshape(dd, 1)
-        z = _apply_inverse(h, inv, w, level + 1).reshape(1 << level, 2, dd >> (level + 1))
-        z0, z1 = z[:, 0], z[:, 1]
-        alpha = jnp.sum(v * z0, axis=1)        # v^T M1^-1 v
-        beta = jnp.sum(u * z1, axis=1)         # u^T M2^-1 u
-        c = core(s, alpha, beta)
-        inv = inv.replace(
-            z0=inv.z0[:level] + (z0,) + inv.z0[level + 1:],
-            z1=inv.z1[:level] + (z1,) + inv.z1[level + 1:],
-            c=inv.c[:level] + (c,) + inv.c[level + 1:],
-        )
+    leaf_inv = jnp.linalg.inv(damped)
+    num_tiles = nb - 1
+    zeros = jnp.zeros((p, dd // 2), h.dtype)
+    inv = _HodlrInverse(leaf_inv=leaf_inv, z0=zeros, z1=zeros,
+                        c=jnp.zeros((num_tiles, 2, 2), h.dtype))
+    if p == 0:
+        return inv
+    col, row, tid, perm, tile_level = (jnp.asarray(t) for t in _tables(dd, p))
+    u, s, v = _pack(h)
+
+    def build_level(inv, level):
+        # W's two columns for every node of this level at once: [v; 0] and [0; u] share no
+        # rows, so one D-vector (v at column positions, u at row positions) carries both.
+        w = jnp.take_along_axis(jnp.concatenate([v[level], u[level]]), perm[level], axis=0)
+        r = _apply_inverse(h, inv, w[:, None])[:, 0]       # children solves (levels > level)
+        z0, z1 = r[col[level]], r[row[level]]
+        seg = dict(num_segments=num_tiles, indices_are_sorted=True)
+        alpha = jax.ops.segment_sum(v[level] * z0, tid[level], **seg)   # v^T M1^-1 v
+        beta = jax.ops.segment_sum(u[level] * z1, tid[level], **seg)    # u^T M2^-1 u
+        c = jax.vmap(_woodbury_core)(s, alpha, beta)
+        mine = (tile_level == level)[:, None, None]
+        inv = inv.replace(z0=inv.z0.at[level].set(z0), z1=inv.z1.at[level].set(z1),
+                          c=jnp.where(mine, c, inv.c))
+        return inv, None
+
+    inv, _ = lax.scan(build_level, inv, jnp.arange(p - 1, -1, -1))
     return inv
 
 
 def _hodlr_inv_diag(h: HodlrFactor, lam) -> jax.Array:
     inv = _hodlr_inverse(h, lam)
     out = jnp.diagonal(inv.leaf_inv, axis1=1, axis2=2).reshape(-1)
-    for level in range(h.num_partition):
-        z0, z1, c = inv.z0[level], inv.z1[level], inv.c[level]
+    if h.num_partition:
+        tid = jnp.asarray(_tables(h.padded_dim, h.num_partition)[2])
         # rowsum((Z C) * Z): Z's rows are [z0_i, 0] (upper half) or [0, z1_i] (lower half)
-        corr = jnp.stack([c[:, 0, 0, None] * z0 * z0, c[:, 1, 1, None] * z1 * z1], axis=1)
-        out = out - corr.reshape(-1)
+        out = out - _per_level_sum(h, inv.c[tid, 0, 0] * inv.z0 ** 2,
+                                   inv.c[tid, 1, 1] * inv.z1 ** 2)
     return out[: h.dim]
 
 
@@ -737,5 +842,5 @@ def solve(h: Factor, x, damping=1e-6, relative: bool = False) -> jax.Array:
     elif isinstance(h, DenseFactor):
         y = jnp.linalg.solve(_dense_damped(h, lam), xp)
     else:
-        y = _apply_inverse(h, _hodlr_inverse(h, lam), xp, 0)[: h.dim]
+        y = _apply_inverse(h, _hodlr_inverse(h, lam), xp)[: h.dim]
     return y[:, 0] if vec else y
