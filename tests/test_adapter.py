@@ -90,7 +90,10 @@ def test_apply_updates_touches_only_the_tiles(jit):
     want = _apply_numpy(params, ad, upd)
     if jit:
         keep = jax.tree_util.tree_map(lambda a: np.array(a), params)
+        ptr = params["model"]["lm_head"]["weight"].unsafe_buffer_pointer()
         new = jax.jit(lambda p, u: ad.apply_updates(p, u), donate_argnums=0)(params, upd)
+        # donated: the scatter wrote into the weight's own buffer (in place, no copy)
+        assert new["model"]["lm_head"]["weight"].unsafe_buffer_pointer() == ptr
         params = keep
     else:
         new = ad.apply_updates(params, upd)

@@ -154,8 +154,10 @@ def test_fused_step_in_place_under_donation_and_bf16():
     step = jax.jit(lambda w, g, mu, nu: fused_sparse_adamw_step(
         w, g, mu, nu, 0, rows, cols, learning_rate=0.01, block_size=BS, interpret=True),
         donate_argnums=(0, 2, 3))
+    ptr = w.unsafe_buffer_pointer()
     w2, mu2, nu2 = step(w, g, mu, nu)
     assert w2.dtype == jnp.bfloat16 and w.is_deleted()       # the input buffer was donated
+    assert w2.unsafe_buffer_pointer() == ptr                 # ... and written in place
     # step 1: update = -lr * g/(|g| + eps), computed in f32, added in f32, rounded once
     gn = np.asarray(g)
     want = w_np.copy()
