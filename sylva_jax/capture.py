@@ -32,6 +32,7 @@ layers. Nothing per-sample is kept across batches.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import math
 import re
@@ -83,33 +84,23 @@ class _Functional(NamedTuple):
 
 def _functional(model) -> _Functional:
     """Accepts a Flax NNX module, ``(graphdef, params)`` from ``models.llama.split`` or
-    ``(apply_fn, params)`` with ``apply_fn(params, input_ids, attention_mask, *, linear_fn)``."""
+    ``(apply_fn, params)`` with ``apply_fn(params, input_ids, attention_mask, *, linear_fn)``.
+
+    The returned ``apply`` is the same object for the same graph (or the same user
+    function), so jitted steps built from it are reused across calls."""
     if isinstance(model, _Functional):
         return model
     from flax import nnx
 
     if isinstance(model, nnx.Module):
         graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-
-        def apply(p, extra, ids, am, linear_fn):
-            return nnx.merge(graphdef, p, extra)(ids, am, linear_fn=linear_fn)
-
-        return _Functional(apply, params, rest)
+        return _Functional(_cached_apply("nnx", graphdef), params, rest)
     if isinstance(model, tuple) and len(model) == 2:
         head, params = model
         if isinstance(head, nnx.GraphDef):
-            llama = importlib.import_module("sylva_jax.models.llama")
-
-            def apply(p, extra, ids, am, linear_fn):
-                return llama.apply(head, p, ids, am, linear_fn=linear_fn)
-
-            return _Functional(apply, params, None)
+            return _Functional(_cached_apply("llama", head), params, None)
         if callable(head):
-
-            def apply(p, extra, ids, am, linear_fn):
-                return head(p, ids, am, linear_fn=linear_fn)
-
-            return _Functional(apply, params, None)
+            return _Functional(_cached_apply("fn", head), params, None)
     raise TypeError(
         f"cannot run calibration passes on a {type(model).__name__}: pass a Flax NNX module "
         "(e.g. LlamaForCausalLM), the (graphdef, params) pair from sylva_jax.models.llama.split, "
@@ -117,12 +108,33 @@ def _functional(model) -> _Functional:
     )
 
 
+@functools.lru_cache(maxsize=64)
+def _cached_apply(form: str, head) -> Callable:
+    """``apply(params, extra, ids, mask, linear_fn) -> logits`` for one model graph."""
+    if form == "nnx":
+        from flax import nnx
+
+        def apply(p, extra, ids, am, linear_fn):
+            return nnx.merge(head, p, extra)(ids, am, linear_fn=linear_fn)
+    elif form == "llama":
+        llama = importlib.import_module("sylva_jax.models.llama")
+
+        def apply(p, extra, ids, am, linear_fn):
+            return llama.apply(head, p, ids, am, linear_fn=linear_fn)
+    else:
+        def apply(p, extra, ids, am, linear_fn):
+            return head(p, ids, am, linear_fn=linear_fn)
+    return apply
+
+
 def _dense(x, w, b):
-    """The plain linear product ``x W^T + b`` (``x [..., in]``, ``w [out, in]``)."""
-    y = jnp.einsum("...i,oi->...o", x, w.astype(x.dtype))
+    """The plain linear product ``x W^T + b`` (``x [..., in]``, ``w [out, in]``), in
+    ``x.dtype`` with float32 accumulation (as ``models.llama.dense_linear``)."""
+    y = jax.lax.dot_general(x, w.astype(x.dtype), (((x.ndim - 1,), (1,)), ((), ())),
+                            preferred_element_type=jnp.float32)
     if b is not None:
-        y = y + b.astype(y.dtype)
-    return y
+        y = y + b.astype(jnp.float32)
+    return y.astype(x.dtype)
 
 
 class _LinearInfo(NamedTuple):
@@ -219,12 +231,16 @@ def scoped_weights(model, scope) -> dict[str, jax.Array]:
     """``{weight path: W [out, in]}`` for the linear layers in ``scope``."""
     fn = _functional(model)
     names = _resolve_scope(fn, scope)
+    return _lookup_weights(fn, names)
+
+
+def _lookup_weights(fn: _Functional, names) -> dict[str, jax.Array]:
     flat = tree_lib.flatten(fn.params)
     missing = [n for n in names if n not in flat]
     if missing:
         raise ValueError(
-            f"linear_fn names {missing} are not parameter paths of the model; the hook contract "
-            "(docs/ARCHITECTURE.md) requires name == the weight's path"
+            f"linear layer(s) {missing} are in scope but are not parameters of their own (a "
+            "tied weight, e.g. lm_head tied to the embedding); narrow the scope to exclude them"
         )
     return {n: flat[n] for n in names}
 
@@ -347,6 +363,7 @@ class Stats(Mapping):
     damping: float = 1e-6
     relative_damping: bool = False
     total_params: int = 0
+    partitions: dict = dataclasses.field(default_factory=dict)  # {dim: HODLR levels used}
     _inv_cache: dict = dataclasses.field(default_factory=dict, repr=False)
 
     def __getitem__(self, name: str) -> LayerStats:
@@ -382,15 +399,11 @@ class Stats(Mapping):
 
 
 def _inv_diags(factors: dict, damping: float, relative: bool) -> dict:
+    """Per layer (``hierarchy.inv_diag`` is jitted and compiled once per factor shape)."""
     hier = _hierarchy()
-
-    @jax.jit
-    def f(fs):
-        return {n: (hier.inv_diag(A, damping=damping, relative=relative),
-                    hier.inv_diag(G, damping=damping, relative=relative))
-                for n, (A, G) in fs.items()}
-
-    return f(factors)
+    return {n: (hier.inv_diag(A, damping=damping, relative=relative),
+                hier.inv_diag(G, damping=damping, relative=relative))
+            for n, (A, G) in factors.items()}
 
 
 # --------------------------------------------------------------------------------------
@@ -449,16 +462,62 @@ class _Group(NamedTuple):
     """Factors of one dimension, stacked: slot ``k`` is ``(layer, "A" | "G")``."""
 
     dim: int
+    num_partition: int
     slots: tuple
 
 
-def _groups(infos: Mapping[str, _LinearInfo]) -> tuple[_Group, ...]:
+def _groups(infos: Mapping[str, _LinearInfo], num_partition: int, hier) -> tuple[_Group, ...]:
+    """Slots grouped by dimension. ``num_partition`` is clamped per dimension to
+    ``hierarchy.max_num_partition(dim)`` (leaves of at least one entry), so e.g. the
+    192-dim k/v-projection outputs of SmolLM2 get 7 levels when 8 are asked for."""
     by_dim: dict[int, list] = {}
     for n, info in infos.items():
         out, inn = info.shape
         by_dim.setdefault(inn, []).append((n, "A"))
         by_dim.setdefault(out, []).append((n, "G"))
-    return tuple(_Group(d, tuple(s)) for d, s in by_dim.items())
+    cap = getattr(hier, "max_num_partition", lambda d: num_partition)
+    return tuple(_Group(d, min(int(num_partition), cap(d)), tuple(s)) for d, s in by_dim.items())
+
+
+def _stacked_init(hier, g: _Group, kind: str):
+    h = hier.init(g.dim, num_partition=g.num_partition, dtype=jnp.float32, kind=kind)
+    return jax.tree.map(lambda x: jnp.broadcast_to(x, (len(g.slots),) + x.shape), h)
+
+
+def _all_finite(*trees) -> jax.Array:
+    leaves = [x for t in trees for x in jax.tree.leaves(t)]
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
+_finite_jit = jax.jit(_all_finite)
+
+
+@functools.lru_cache(maxsize=32)
+def _make_step(apply: Callable, groups, factor: str, keep_dense: bool, hier):
+    """One jitted program per batch shape: forward/backward with probes, then every
+    factor update (one ``vmap``-ed call per dimension group) and the gradient sums."""
+    upd = hier.update if factor == "mean" else hier.update_block
+
+    fn = _Functional(apply, None, None)
+
+    def step(state, scoped, params, extra, ids, am, labels):
+        acts, gy, gw = _batch_statistics(fn, scoped, params, extra, ids, am, labels,
+                                         factor=factor)
+        vecs = {"A": acts, "G": gy}
+        new_f, new_d = [], []
+        for k, g in enumerate(groups):
+            # [slots, B, dim] (mean) or [slots, B*T, dim] (tokens)
+            x = jnp.stack([vecs[which][n].reshape(-1, g.dim) for n, which in g.slots])
+            new_f.append(jax.vmap(upd)(state["factors"][k], x))
+            if keep_dense:
+                new_d.append(state["dense"][k] + jnp.einsum(
+                    "lbi,lbj->lij", x, x, precision=jax.lax.Precision.HIGHEST))
+        finite = {n: state["finite"][n] & _all_finite(acts[n], gy[n], gw[n]) for n in gw}
+        grad_sum = {n: state["grad_sum"][n] + gw[n] for n in gw}
+        return {"factors": new_f, "dense": new_d if keep_dense else None,
+                "grad_sum": grad_sum, "finite": finite}
+
+    return jax.jit(step, donate_argnums=0)
 
 
 def preprocess(
@@ -477,24 +536,28 @@ def preprocess(
     """Calibration forward/backward passes (ALGORITHM.md sections 0.1 and 1).
 
     model: a Flax NNX module whose ``__call__(input_ids, attention_mask, *, linear_fn)``
-        routes every linear layer through ``linear_fn`` (e.g. ``LlamaForCausalLM``), or
-        ``(graphdef, params)`` from ``models.llama.split``, or ``(apply_fn, params)``.
+        routes every linear layer through ``linear_fn`` (e.g. ``LlamaForCausalLM``; without
+        ``remat``), or ``(graphdef, params)`` from ``models.llama.split``, or
+        ``(apply_fn, params)``.
     batches: iterable of dicts ``input_ids``/``attention_mask``/``labels`` ``[B, T]``, any
         ``B``; consumed until ``num_samples`` samples (the last batch is sliced). Fewer
         available: uses them and warns; none: ``ValueError``.
     scope: which linear weights (see :func:`match_scope`).
+    num_partition: HODLR levels ``P``, clamped per dimension to
+        ``hierarchy.max_num_partition(dim)``; the values used are in ``Stats.partitions``.
     factor: ``"mean"`` (one rank-1 update per sample with token means, the published choice)
         or ``"tokens"`` (per-token outer products over real tokens, K-FAC).
     factor_kind: ``"hodlr"`` | ``"dense"`` | ``"diagonal"`` (``hierarchy.init(kind=...)``).
-    damping, relative_damping: used for the inverse diagonals ``diag((F + l I)^-1)``,
-        computed here for all layers at once and cached in the result.
+    damping, relative_damping: for the inverse diagonals ``diag((F + l I)^-1)``, computed
+        here for all layers (one ``vmap``-ed call per dimension) and cached in the result.
     keep_dense: also accumulate exact dense ``A_dense [in, in]`` and ``G_dense [out, out]``
-        in the same pass (for the ``kfac`` baseline; ``O(in^2 + out^2)`` memory per layer,
-        fine for small models). With ``factor_kind="dense"`` they are the factors themselves.
+        in the same pass (for the ``kfac`` baseline; ``4 (in^2 + out^2)`` bytes per layer,
+        fine for small models). With ``factor_kind="dense"`` the factors are exact already
+        and ``A_dense``/``G_dense`` are their matrices.
 
-    The result is a :class:`Stats`; factors are sums over samples (not means), the
-    gradient ``grad_mean`` is the mean over samples. Raises ``ValueError`` naming the layer
-    if any statistic is NaN/inf.
+    Factors are sums over samples (no ``1/N``); ``grad_mean`` is the mean over samples.
+    Raises ``ValueError`` naming the layer(s) if any statistic or inverse diagonal is
+    NaN/inf.
     """
     _check_choice("factor", factor, FACTORS)
     _check_choice("factor_kind", factor_kind, FACTOR_KINDS)
@@ -503,42 +566,26 @@ def preprocess(
     hier = _hierarchy()
     fn = _functional(model)
     infos = _resolve_scope(fn, scope)
-    flat = tree_lib.flatten(fn.params)
-    scoped = {n: flat[n] for n in infos}
-    groups = _groups(infos)
-
-    def init_group(g: _Group):
-        h = hier.init(g.dim, num_partition=num_partition, dtype=jnp.float32, kind=factor_kind)
-        return jax.tree.map(lambda x: jnp.broadcast_to(x, (len(g.slots),) + x.shape), h)
-
+    scoped = _lookup_weights(fn, infos)
+    groups = _groups(infos, num_partition, hier)
     state = {
-        "factors": [init_group(g) for g in groups],
+        "factors": [_stacked_init(hier, g, factor_kind) for g in groups],
         "dense": [jnp.zeros((len(g.slots), g.dim, g.dim), jnp.float32) for g in groups]
         if keep_dense else None,
         "grad_sum": {n: jnp.zeros(w.shape, jnp.float32) for n, w in scoped.items()},
+        "finite": {n: jnp.ones((), bool) for n in scoped},
     }
-
-    def step(state, scoped, params, extra, ids, am, labels):
-        acts, gy, gw = _batch_statistics(fn, scoped, params, extra, ids, am, labels,
-                                         factor=factor)
-        vecs = {"A": acts, "G": gy}
-        new_f, new_d = [], []
-        for k, g in enumerate(groups):
-            # [slots, B, dim] (mean) or [slots, B*T, dim] (tokens)
-            x = jnp.stack([vecs[which][n].reshape(-1, g.dim) for n, which in g.slots])
-            upd = hier.update if factor == "mean" else hier.update_block
-            new_f.append(jax.vmap(upd)(state["factors"][k], x))
-            if keep_dense:
-                new_d.append(state["dense"][k] + jnp.einsum("lbi,lbj->lij", x, x,
-                                                            precision=jax.lax.Precision.HIGHEST))
-        grad_sum = {n: state["grad_sum"][n] + gw[n] for n in gw}
-        return {"factors": new_f, "dense": new_d if keep_dense else None, "grad_sum": grad_sum}
-
-    step = jax.jit(step, donate_argnums=0)
+    step = _make_step(fn.apply, groups, factor, keep_dense, hier)
 
     seen = 0
     for ids, am, labels in _take_samples(batches, int(num_samples)):
-        state = step(state, scoped, fn.params, fn.extra, ids, am, labels)
+        try:
+            state = step(state, scoped, fn.params, fn.extra, ids, am, labels)
+        except jax.errors.UnexpectedTracerError as e:
+            raise ValueError(
+                "the linear_fn hook ran inside a jax transformation of the model (remat / "
+                "scan over layers?); calibration capture needs a model built with "
+                "remat=False") from e
         seen += ids.shape[0]
     if seen == 0:
         raise ValueError("no calibration samples: `batches` yielded nothing")
@@ -546,20 +593,33 @@ def preprocess(
         warnings.warn(
             f"only {seen} calibration samples were available ({num_samples} requested); "
             "the statistics use those", stacklevel=2)
+    bad = [n for n, ok in jax.device_get(state["finite"]).items() if not ok]
+    if bad:
+        raise ValueError(
+            f"non-finite (NaN/inf) calibration statistics in layer(s) {bad}; check the model "
+            "(overflow in low precision?) and the calibration data (labels, masks)")
 
     layers = _unstack(state, groups, scoped, seen, keep_dense, factor_kind, hier)
-    _check_finite(layers)
+    invs = _inv_diags({n: (s.A, s.G) for n, s in layers.items()}, float(damping),
+                      bool(relative_damping))
+    ok = jax.device_get({n: _finite_jit(s.A, s.G, invs[n]) for n, s in layers.items()})
+    bad = [n for n, fine in ok.items() if not fine]
+    if bad:
+        raise ValueError(
+            f"non-finite (NaN/inf) factors or inverse-curvature diagonals in layer(s) {bad}; "
+            "increase `damping` or use relative_damping=True")
     stats = Stats(
         layers=layers, scope=scope, num_samples=seen, factor=factor, factor_kind=factor_kind,
-        num_partition=num_partition, damping=float(damping),
+        num_partition=int(num_partition), damping=float(damping),
         relative_damping=bool(relative_damping),
-        total_params=int(sum(np.size(x) for x in flat.values())),
+        total_params=int(sum(np.size(x) for x in tree_lib.flatten(fn.params).values())),
+        partitions={g.dim: g.num_partition for g in groups},
     )
-    _check_finite_inv(stats.inv_diags())
+    stats._inv_cache[(float(damping), bool(relative_damping))] = invs
     return stats
 
 
-def _unstack(state, groups, scoped, seen, keep_dense, factor_kind, hier) -> dict[str, LayerStats]:
+def _unstack(state, groups, scoped, seen, keep_dense, factor_kind, hier):
     layers = {n: LayerStats(name=n, weight=w, num_samples=seen) for n, w in scoped.items()}
     for k, g in enumerate(groups):
         for j, (n, which) in enumerate(g.slots):
@@ -573,31 +633,3 @@ def _unstack(state, groups, scoped, seen, keep_dense, factor_kind, hier) -> dict
     for n, s in layers.items():
         s.grad_mean = state["grad_sum"][n] * inv_n
     return layers
-
-
-def _check_finite(layers: Mapping[str, LayerStats]):
-    @jax.jit
-    def finite(ls):
-        return {n: jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(t)]))
-                for n, t in ls.items()}
-
-    tree = {n: {k: v for k, v in (("A", s.A), ("G", s.G), ("grad_mean", s.grad_mean),
-                                 ("A_dense", s.A_dense), ("G_dense", s.G_dense))
-                if v is not None}
-            for n, s in layers.items()}
-    bad = [n for n, ok in finite(tree).items() if not bool(ok)]
-    if bad:
-        raise ValueError(
-            f"non-finite (NaN/inf) calibration statistics in layer(s) {bad}; check the model "
-            "(overflow in low precision?) and the calibration data (labels, masks)"
-        )
-
-
-def _check_finite_inv(inv: Mapping[str, tuple]):
-    bad = [n for n, (ia, ig) in inv.items()
-           if not (bool(jnp.all(jnp.isfinite(ia))) and bool(jnp.all(jnp.isfinite(ig))))]
-    if bad:
-        raise ValueError(
-            f"non-finite inverse-curvature diagonals in layer(s) {bad}; increase `damping` "
-            "or use relative_damping=True"
-        )

@@ -1,186 +1,243 @@
-"""Calibration statistics (sylva_jax/capture.py) against an explicit dense-JAX reference."""
+"""Calibration statistics (sylva_jax/capture.py) against an explicit dense-JAX reference,
+on a tiny random LLaMA (sylva_jax/models/llama.py)."""
 from __future__ import annotations
 
-import importlib
+import functools
 import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
-from sylva_jax import capture
+from sylva_jax import capture, hierarchy
+from sylva_jax import tree as tree_lib
 from sylva_jax.losses import lm_loss
+from sylva_jax.models import llama
 
-import _toy_stack as toy
+VOCAB, T = 128, 8
 
 
-@pytest.fixture(autouse=True)
-def factor_backend(monkeypatch):
-    try:
-        importlib.import_module("sylva_jax.hierarchy")
-    except ImportError:
-        monkeypatch.setattr(capture, "_hierarchy", lambda: toy.toy_hierarchy)
+def tiny_config(**kw):
+    base = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, initializer_range=0.1,
+                mlp_bias=True)
+    return llama.LlamaConfig(**{**base, **kw})
 
 
 @pytest.fixture(scope="module")
 def model():
-    return (toy.toy_apply, toy.toy_params(jax.random.PRNGKey(0)))
+    return llama.LlamaForCausalLM(tiny_config(), rngs=nnx.Rngs(0))
 
 
-def _dense(h):
-    return np.asarray(capture._hierarchy().to_dense(h), np.float64)
+def make_batches(seed, n, batch_size, lengths=(5, 8), t=T):
+    """Right-padded samples (lengths drawn from ``lengths``), labels = ids, -100 at padding."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(1, VOCAB, size=(n, t)).astype(np.int32)
+    lens = rng.choice(lengths, size=n)
+    am = (np.arange(t)[None] < lens[:, None]).astype(np.int32)
+    ids = np.where(am == 1, ids, 0)
+    labels = np.where(am == 1, ids, -100).astype(np.int32)
+    return [{"input_ids": ids[i:i + batch_size], "attention_mask": am[i:i + batch_size],
+             "labels": labels[i:i + batch_size]} for i in range(0, n, batch_size)]
 
 
-def reference(model, batches, names, factor="mean"):
-    """Per-sample loop on the *trimmed* sample (no padding at all), jax.grad, explicit means.
+LAYERS = [f"model.layers.{i}.{m}" for i in range(2)
+          for m in ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
+                    "self_attn.o_proj.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight",
+                    "mlp.down_proj.weight")]
 
-    Returns {name: (A, G, Gbar)} in float64."""
-    apply_fn, params = model
-    flat = capture.tree_lib.flatten(params)
-    out = {n: [0.0, 0.0, 0.0] for n in names}
-    count = 0
+
+@functools.lru_cache(maxsize=None)
+def _ref_grad(graphdef):
+    """jax.grad of ONE unpadded sample's mean loss w.r.t. (params, additive output deltas)."""
+
+    def loss(params, deltas, ids, labels):
+        xs = {}
+
+        def hook(name, x, w, b):
+            y = llama.dense_linear(name, x, w, b)
+            if name in deltas:
+                xs[name] = x
+                y = y + deltas[name]
+            return y
+
+        logits = llama.apply(graphdef, params, ids, None, linear_fn=hook)
+        return lm_loss(logits, labels, reduction="token_mean"), xs
+
+    return jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True))
+
+
+def reference(model, batches):
+    """Per-sample loop on the *trimmed* sample (no padding at all) for every layer in
+    LAYERS: ``{name: [(x [L, in], dy [L, out], dL_n/dW [out, in]) per sample]}``, float64."""
+    graphdef, params = llama.split(model)
+    flat = tree_lib.flatten(params)
+    grad = _ref_grad(graphdef)
+    out = {n: [] for n in LAYERS}
     for b in batches:
         for s in range(b["input_ids"].shape[0]):
             L = int(b["attention_mask"][s].sum())
-            ids = jnp.asarray(b["input_ids"][s:s + 1, :L])
-            labels = jnp.asarray(b["labels"][s:s + 1, :L])
-            deltas = {n: jnp.zeros((1, L, flat[n].shape[0])) for n in names}
-
-            def loss(p, d):
-                xs = {}
-
-                def hook(name, x, w, bias):
-                    y = x @ w.T + (0 if bias is None else bias)
-                    if name in d:
-                        xs[name] = x
-                        y = y + d[name]
-                    return y
-
-                logits = apply_fn(p, ids, None, linear_fn=hook)
-                return lm_loss(logits, labels, reduction="token_mean"), xs
-
-            (gp, gd), xs = jax.grad(loss, argnums=(0, 1), has_aux=True)(params, deltas)
-            gp = capture.tree_lib.flatten(gp)
-            for n in names:
-                x = np.asarray(xs[n][0], np.float64)      # [L, in]
-                dy = np.asarray(gd[n][0], np.float64)     # [L, out]
-                if factor == "mean":
-                    a, g = x.mean(0)[None], dy.mean(0)[None]
-                else:
-                    a, g = x, dy
-                out[n][0] = out[n][0] + a.T @ a
-                out[n][1] = out[n][1] + g.T @ g
-                out[n][2] = out[n][2] + np.asarray(gp[n], np.float64)
-            count += 1
-    return {n: (A, G, Gs / count) for n, (A, G, Gs) in out.items()}
+            ids, labels = b["input_ids"][s:s + 1, :L], b["labels"][s:s + 1, :L]
+            deltas = {n: jnp.zeros((1, L, flat[n].shape[0])) for n in LAYERS}
+            (gp, gd), xs = grad(params, deltas, ids, labels)
+            gp = tree_lib.flatten(gp)
+            for n in LAYERS:
+                out[n].append((np.asarray(xs[n][0], np.float64), np.asarray(gd[n][0], np.float64),
+                               np.asarray(gp[n], np.float64)))
+    return out
 
 
-# float32 forward/backward of a 2-layer net with O(1) activations: relative errors of the
-# individual statistics are ~1e-6; 1e-4 relative to the largest entry leaves a wide margin
-# while still catching any missing/extra token, a wrong normaliser or a padding leak (those
-# change entries by >1e-2 relative).
-def assert_close(actual, expected, rtol=1e-4):
+def ref_stats(per_sample, factor="mean", count=None):
+    """Explicit statistics from the per-sample reference: (a rows, g rows, A, G, Gbar)."""
+    per_sample = per_sample[:count]
+    if factor == "mean":   # token means of x and of dL_n/dy_t
+        a = np.stack([x.mean(0) for x, _, _ in per_sample])
+        g = np.stack([dy.mean(0) for _, dy, _ in per_sample])
+    else:                  # every real token
+        a = np.concatenate([x for x, _, _ in per_sample])
+        g = np.concatenate([dy for _, dy, _ in per_sample])
+    gbar = np.mean([gw for _, _, gw in per_sample], axis=0)
+    return a, g, a.T @ a, g.T @ g, gbar
+
+
+def dense(h):
+    return np.asarray(hierarchy.to_dense(h), np.float64)
+
+
+# float32 forward/backward of a 2-layer model with O(1) activations: the statistics carry
+# relative errors ~1e-6 (different reduction orders between batched and per-sample runs);
+# 1e-4 of the largest entry leaves a wide margin while a missing/extra token, a padding leak
+# or a wrong normaliser changes entries by > 1e-2 relative.
+def assert_close(actual, expected, tol=1e-4):
     actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
     scale = np.abs(expected).max()
     assert scale > 0
-    np.testing.assert_allclose(actual, expected, rtol=0, atol=rtol * scale)
+    np.testing.assert_allclose(actual, expected, rtol=0, atol=tol * scale)
 
 
-SCOPE = "model.layers"
+@pytest.fixture(scope="module")
+def batches():
+    """6 samples of lengths 5 or 8 in batches of 3, right-padded to T=8."""
+    return make_batches(0, 6, 3)
+
+
+@pytest.fixture(scope="module")
+def ref(model, batches):
+    return reference(model, batches)
+
+
+@pytest.fixture(scope="module")
+def hodlr_stats(model, batches):
+    return capture.preprocess(model, batches, scope="model.layers", num_samples=6, num_partition=2)
 
 
 @pytest.mark.parametrize("factor", ["mean", "tokens"])
-def test_statistics_match_dense_reference(model, factor):
-    rng = np.random.default_rng(0)
-    batches = toy.toy_batches(rng, 6, 7, batch_size=3)
-    stats = capture.preprocess(model, batches, scope=SCOPE, num_samples=6, factor=factor,
-                               factor_kind="dense")
-    names = list(stats)
-    assert names == [f"model.layers.{i}.{m}" for i in range(2)
-                     for m in ("self_attn.q_proj.weight", "self_attn.o_proj.weight",
-                               "mlp.up_proj.weight", "mlp.down_proj.weight")]
-    ref = reference(model, batches, names, factor)
-    for n in names:
-        A, G, Gbar = ref[n]
+def test_statistics_match_dense_reference(model, batches, ref, factor):
+    stats = capture.preprocess(model, batches, scope="model.layers", num_samples=6,
+                               factor=factor, factor_kind="dense")
+    assert list(stats) == LAYERS and stats.num_samples == 6
+    flat = tree_lib.flatten(nnx.state(model, nnx.Param))
+    for n in LAYERS:
         s = stats[n]
-        assert s.num_samples == 6 and stats.num_samples == 6
-        assert_close(_dense(s.A), A)
-        assert_close(_dense(s.G), G)
-        assert_close(s.grad_mean, Gbar)
-        assert s.weight is capture.tree_lib.flatten(model[1])[n]
+        _, _, A, G, gbar = ref_stats(ref[n], factor)
+        assert s.num_samples == 6 and s.shape == flat[n].shape
+        assert_close(dense(s.A), A)
+        assert_close(dense(s.G), G)
+        assert_close(s.A_dense, A)
+        assert_close(s.grad_mean, gbar)
+        assert s.weight is flat[n]
 
 
-def test_batch_size_invariance_and_padding(model):
-    rng = np.random.default_rng(1)
-    b1 = toy.toy_batches(rng, 8, 9, batch_size=1)
-    # the same samples in batches of 4, with 3 extra padding columns on the right
-    cat = {k: np.concatenate([b[k] for b in b1]) for k in b1[0]}
-    pad = {"input_ids": 5, "attention_mask": 0, "labels": -100}
-    cat = {k: np.pad(v, ((0, 0), (0, 3)), constant_values=pad[k]) for k, v in cat.items()}
-    b4 = [{k: v[i:i + 4] for k, v in cat.items()} for i in (0, 4)]
-    s1 = capture.preprocess(model, b1, scope=SCOPE, num_samples=8, factor_kind="dense",
-                            keep_dense=True)
-    s4 = capture.preprocess(model, b4, scope=SCOPE, num_samples=8, factor_kind="dense",
-                            keep_dense=True)
+def test_hodlr_factors_get_the_reference_vectors_in_order(hodlr_stats, ref):
+    """hodlr kind: each factor equals hierarchy.update applied to the reference per-sample
+    vectors in sample order (checks the stacking by dimension, vmap and ordering)."""
+    stats = hodlr_stats
+    assert stats.partitions == {64: 2, 32: 2, 128: 2}
+    inv = stats.inv_diags()
+    for n in ("model.layers.0.self_attn.k_proj.weight", "model.layers.1.mlp.down_proj.weight"):
+        s = stats[n]
+        a, g, _, _, gbar = ref_stats(ref[n])
+        for which, vecs in (("A", a), ("G", g)):
+            h = getattr(s, which)
+            assert h.kind == "hodlr" and h.num_partition == 2 and h.dim == vecs.shape[1]
+            seq = hierarchy.update(hierarchy.init(h.dim, num_partition=2), jnp.asarray(vecs, jnp.float32))
+            assert_close(dense(h), dense(seq))
+        assert_close(s.grad_mean, gbar)
+        assert_close(inv[n][0], hierarchy.inv_diag(s.A, damping=1e-6))
+        assert_close(inv[n][1], hierarchy.inv_diag(s.G, damping=1e-6))
+    nb = stats.factor_nbytes()
+    assert 0 < nb["factors"] < nb["dense_equivalent"]
+
+
+def test_batch_size_invariance_and_padding(model, batches, hodlr_stats):
+    """The same samples one per batch, with 3 extra padding columns, give the statistics of
+    the batches of 3."""
+    pad = {"input_ids": 7, "attention_mask": 0, "labels": -100}
+    b1 = [{k: np.pad(b[k][i:i + 1], ((0, 0), (0, 3)), constant_values=pad[k]) for k in b}
+          for b in batches for i in range(3)]
+    s1 = capture.preprocess(model, b1, scope="model.layers", num_samples=6, num_partition=2)
     for n in s1:
-        assert_close(_dense(s4[n].A), _dense(s1[n].A))
-        assert_close(_dense(s4[n].G), _dense(s1[n].G))
-        assert_close(s4[n].grad_mean, s1[n].grad_mean)
-        assert_close(s4[n].A_dense, _dense(s1[n].A))
+        assert_close(dense(s1[n].A), dense(hodlr_stats[n].A))
+        assert_close(dense(s1[n].G), dense(hodlr_stats[n].G))
+        assert_close(s1[n].grad_mean, hodlr_stats[n].grad_mean)
 
 
-def test_sample_statistics_shapes_and_padding(model):
-    rng = np.random.default_rng(2)
-    (batch,) = toy.toy_batches(rng, 3, 6, batch_size=3)
-    a, g, gw = capture.sample_statistics(model, batch, scope="q_proj", factor="tokens")
+def test_sample_statistics_tokens_and_functional_forms(model, batches):
+    batch = batches[0]
     n = "model.layers.0.self_attn.q_proj.weight"
+    a, g, gw = capture.sample_statistics(model, batch, scope="q_proj", factor="tokens")
     assert set(a) == {n, "model.layers.1.self_attn.q_proj.weight"}
-    assert a[n].shape == (3, 6, 16) and g[n].shape == (3, 6, 16) and gw[n].shape == (16, 16)
+    assert a[n].shape == (3, T, 64) and g[n].shape == (3, T, 64) and gw[n].shape == (64, 64)
     pad = batch["attention_mask"] == 0
-    assert np.all(np.asarray(a[n])[pad] == 0) and np.all(np.asarray(g[n])[pad] == 0)
+    assert pad.any() and np.all(np.asarray(a[n])[pad] == 0) and np.all(np.asarray(g[n])[pad] == 0)
     # sum over samples and tokens of g_t x_t^T is the weight gradient of the summed losses
     assert_close(jnp.einsum("bto,bti->oi", g[n], a[n]), gw[n])
+    # (graphdef, params) from llama.split gives the same statistics as the module
+    a2, g2, gw2 = capture.sample_statistics(llama.split(model), batch, scope="q_proj", factor="tokens")
+    assert_close(a2[n], a[n], 1e-6)
+    assert_close(g2[n], g[n], 1e-6)
+    assert_close(gw2[n], gw[n], 1e-6)
 
 
-def test_num_samples_slicing_and_shortage(model):
-    rng = np.random.default_rng(3)
-    batches = toy.toy_batches(rng, 6, 5, batch_size=4)  # batches of 4 and 2
-    s3 = capture.preprocess(model, batches, scope="down_proj", num_samples=3, factor_kind="dense")
-    ref = reference(model, [{k: v[:3] for k, v in batches[0].items()}], list(s3))
-    assert s3.num_samples == 3
-    for n in s3:
-        assert_close(_dense(s3[n].A), ref[n][0])
-        assert_close(s3[n].grad_mean, ref[n][2])
+def test_num_samples_slicing_and_shortage(model, batches, ref):
+    kw = dict(scope="model.layers", factor_kind="dense")
+    s4 = capture.preprocess(model, batches, num_samples=4, **kw)  # 3 + 1 of the second batch
+    assert s4.num_samples == 4
+    for n in ("model.layers.0.self_attn.v_proj.weight", "model.layers.1.mlp.up_proj.weight"):
+        _, _, A, G, gbar = ref_stats(ref[n], count=4)
+        assert_close(dense(s4[n].A), A)
+        assert_close(dense(s4[n].G), G)
+        assert_close(s4[n].grad_mean, gbar)
     with pytest.warns(UserWarning, match="only 6 calibration samples"):
-        s = capture.preprocess(model, batches, scope="down_proj", num_samples=10,
-                               factor_kind="dense")
+        s = capture.preprocess(model, batches, num_samples=10, **kw)
     assert s.num_samples == 6
     with pytest.raises(ValueError, match="no calibration samples"):
-        capture.preprocess(model, [], scope="down_proj")
+        capture.preprocess(model, iter([]), **kw)
 
 
 def test_scope_substring_regex_and_no_match(model):
     names = list(capture.linear_layers(model))
-    assert "lm_head.weight" in names and not any("embed" in n or "norm" in n for n in names)
+    assert names == LAYERS + ["lm_head.weight"]
     assert capture.match_scope("self_attn", names) == [n for n in names if "self_attn" in n]
     assert capture.match_scope(r"re:layers\.1\..*(q|up)_proj", names) == [
         "model.layers.1.self_attn.q_proj.weight", "model.layers.1.mlp.up_proj.weight"]
     assert capture.match_scope(re.compile(r"o_proj"), names) == [n for n in names if "o_proj" in n]
     assert capture.match_scope(["q_proj", "re:down"], names) == [
         n for n in names if "q_proj" in n or "down" in n]
-    with pytest.raises(ValueError, match=r"matches no linear layer(.|\n)*mlp.up_proj"):
-        capture.preprocess(model, [], scope="k_proj")
-    # the embedding is not a linear layer seen by linear_fn
-    with pytest.raises(ValueError, match="matches no linear layer"):
-        capture.scoped_weights(model, "embed_tokens")
+    with pytest.raises(ValueError, match=r"matches no linear layer(.|\n)*mlp\.up_proj"):
+        capture.preprocess(model, make_batches(0, 1, 1), scope="c_attn")
+    # embeddings and norms are not linear layers
+    for s in ("embed_tokens", "norm"):
+        with pytest.raises(ValueError, match="matches no linear layer"):
+            capture.scoped_weights(model, s)
     with pytest.raises(ValueError, match="invalid regular expression"):
         capture.match_scope("re:(", names)
 
 
 def test_bad_input_errors(model):
-    rng = np.random.default_rng(4)
-    (b,) = toy.toy_batches(rng, 2, 5, batch_size=2)
+    (b,) = make_batches(5, 2, 2)
     with pytest.raises(ValueError, match="unknown factor"):
         capture.preprocess(model, [b], scope="q_proj", factor="token")
     with pytest.raises(ValueError, match="no 'labels'"):
@@ -188,14 +245,19 @@ def test_bad_input_errors(model):
     empty = dict(b, attention_mask=np.zeros_like(b["attention_mask"]))
     with pytest.raises(ValueError, match="no real token"):
         capture.preprocess(model, [empty], scope="q_proj")
+    tied = llama.LlamaForCausalLM(tiny_config(tie_word_embeddings=True), rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="tied weight"):
+        capture.preprocess(tied, [b], scope="lm_head")
+    remat = llama.LlamaForCausalLM(tiny_config(remat=True), rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="remat=False"):
+        capture.preprocess(remat, [b], scope="layers.0.mlp.up")
 
 
-def test_nonfinite_statistics_name_the_layer(model):
-    apply_fn, params = model
-    bad = jax.tree.map(lambda x: x, params)
-    bad["model"]["layers"]["1"]["mlp"]["down_proj"]["weight"] = (
-        bad["model"]["layers"]["1"]["mlp"]["down_proj"]["weight"].at[0, 0].set(jnp.inf))
-    rng = np.random.default_rng(5)
-    with pytest.raises(ValueError, match=r"non-finite.*model\.layers\.1\.mlp\.down_proj"):
-        capture.preprocess((apply_fn, bad), toy.toy_batches(rng, 2, 5), scope="layers.1.mlp",
-                           num_samples=2, factor_kind="dense")
+def test_nonfinite_statistics_name_the_layer(model, batches):
+    """Also exercises the (apply_fn, params) form."""
+    graphdef, params = llama.split(model)
+    w = params["model"]["layers"][1]["mlp"]["down_proj"]["weight"]
+    params["model"]["layers"][1]["mlp"]["down_proj"]["weight"] = w.at[0, 0].set(jnp.inf)
+    apply_fn = lambda p, i, m, *, linear_fn: llama.apply(graphdef, p, i, m, linear_fn=linear_fn)  # noqa: E731
+    with pytest.raises(ValueError, match=r"non-finite.*'model\.layers\.1\.mlp\.down_proj\.weight'"):
+        capture.preprocess((apply_fn, params), batches, scope="layers.1.mlp.down", num_samples=3)
