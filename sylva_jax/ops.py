@@ -118,18 +118,18 @@ def sdd(dy: jax.Array, x: jax.Array, rows, cols, *, block_size: int,
     return sdd_triton(dy2, x2, rows, cols, block_size=bs, out_dtype=out_dtype)
 
 
-def _result_dtype(x, w):
-    return jnp.result_type(x.dtype, w.dtype)
-
-
 def dense_linear(x: jax.Array, w: jax.Array, b: jax.Array | None = None) -> jax.Array:
-    """``y = x @ w.T (+ b)`` with float32 accumulation. x: ``[..., in]``, w: ``[out, in]``,
-    b: ``[out]``; result in ``result_type(x, w)``. The model's plain dense product."""
-    y = jax.lax.dot_general(x, w, (((x.ndim - 1,), (1,)), ((), ())),
+    """``y = x @ w.T (+ b)``: x ``[..., in]``, w ``[out, in]``, b ``[out]``.
+
+    The model's plain dense product (same numerics as ``sylva_jax.models.llama.dense_linear``):
+    operands in the compute dtype ``x.dtype`` (``w`` cast to it), float32 accumulation,
+    bias added in float32, result in ``x.dtype``.
+    """
+    y = jax.lax.dot_general(x, w.astype(x.dtype), (((x.ndim - 1,), (1,)), ((), ())),
                             preferred_element_type=jnp.float32)
     if b is not None:
         y = y + b.astype(jnp.float32)
-    return y.astype(_result_dtype(x, w))
+    return y.astype(x.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
@@ -146,7 +146,8 @@ def _embedded_fwd(x, w, tiles, rows, cols, b, block_size, backend):
 
 def _embedded_bwd(block_size, backend, res, dy):
     x, w, tiles, rows, cols = res
-    dx = jax.lax.dot_general(dy, w, (((dy.ndim - 1,), (0,)), ((), ())),
+    dy = dy.astype(x.dtype)
+    dx = jax.lax.dot_general(dy, w.astype(x.dtype), (((dy.ndim - 1,), (0,)), ((), ())),
                              preferred_element_type=jnp.float32).astype(x.dtype)
     dtiles = sdd(dy, x, rows, cols, block_size=block_size, backend=backend,
                  out_dtype=jnp.float32).astype(tiles.dtype)
@@ -172,7 +173,8 @@ def embedded_linear(x: jax.Array, w: jax.Array, tiles: jax.Array, rows, cols,
       block_size: ``bs``; backend: SDD backend (see :func:`sdd`).
 
     Returns:
-      ``y = x @ w.T (+ b)``: ``[..., out]`` in ``result_type(x, w)``, float32 accumulation.
+      ``y = x @ w.T (+ b)``: ``[..., out]`` in ``x.dtype`` (the compute dtype; ``w`` is
+      cast to it, as the model's dense product does), float32 accumulation.
 
     Gradients: ``dx = dy @ w`` (dense), ``dtiles = sdd(dy, x, rows, cols)`` cast to
     ``tiles.dtype``; ``w`` and ``b`` are frozen (zero cotangent, never materialised).

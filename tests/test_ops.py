@@ -242,3 +242,21 @@ def test_embedded_linear_errors():
         embedded_linear(x, w, tiles[:, :8], ROWS, COLS, b, block_size=BS)
     with pytest.raises(ValueError, match="coordinates"):
         embedded_linear(x, w, tiles[:2], ROWS, COLS, b, block_size=BS)
+
+
+def test_embedded_linear_mixed_dtypes_compute_in_x_dtype():
+    # float32 master weights, bfloat16 activations: computed as the model's dense product
+    # (w cast to the compute dtype, f32 accumulation, result in x.dtype)
+    w, _, b, tiles = _setup(seed=4)
+    x = jnp.asarray(np.random.default_rng(5).standard_normal((6, I)), jnp.bfloat16)
+    y = embedded_linear(x, w, tiles, ROWS, COLS, b, block_size=BS)
+    assert y.dtype == jnp.bfloat16
+    want = (np.asarray(x, np.float64) @ np.asarray(w.astype(jnp.bfloat16), np.float64).T
+            + np.asarray(b, np.float64))
+    # one bf16 rounding of the f32-accumulated result: 2^-8 relative
+    np.testing.assert_allclose(np.asarray(y, np.float64), want, rtol=2 ** -8, atol=2 ** -8)
+    gt = jax.grad(lambda t: jnp.sum(embedded_linear(x, w, t, ROWS, COLS, b, block_size=BS)
+                                    .astype(jnp.float32)))(tiles)
+    assert gt.dtype == jnp.float32   # the tiles' own dtype
+    want_t = np_sdd(np.ones((6, O)), np.asarray(x, np.float64), ROWS, COLS, BS)
+    np.testing.assert_allclose(gt, want_t, rtol=1e-5, atol=1e-5)
