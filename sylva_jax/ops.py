@@ -37,8 +37,20 @@ def resolve_backend(backend: str) -> str:
     return backend
 
 
+_Tracer = getattr(getattr(jax, "core", None), "Tracer", None)
+
+
 def _is_concrete(a) -> bool:
-    return not isinstance(a, jax.core.Tracer)
+    """True for NumPy / committed arrays whose values can be read now (not under trace)."""
+    if isinstance(a, np.ndarray):
+        return True
+    if _Tracer is not None:
+        return not isinstance(a, _Tracer)
+    try:                                   # jax without a public Tracer class
+        np.asarray(a)
+        return True
+    except Exception:
+        return False
 
 
 def _check_coords(rows, cols, n_row_blocks: int, n_col_blocks: int):
