@@ -294,11 +294,11 @@ class Run:
             masks_lib.save_masks(masks, path, wanted)
             log(f"masks saved to {path}")
         rep = masks_lib.mask_report(masks, self.params)
-        print(masks_lib.format_mask_report(rep), flush=True)
+        log(masks_lib.format_mask_report(rep))
         self.masks = masks
         self.summary["mask_report"] = rep
-        self.summary["sparsity_scope"] = rep.get("sparsity_scope")
-        self.summary["sparsity_total"] = rep.get("sparsity_total")
+        self.summary["sparsity_scope"] = rep["sparsity_in_scope"]
+        self.summary["sparsity_total"] = rep["sparsity_overall"]
 
     def _model_identity(self) -> str:
         """Model name plus a cheap content fingerprint (shapes and a few sums)."""
@@ -492,6 +492,7 @@ class Run:
 
         if status not in ("interrupted", "stopped"):
             self.summary["mmlu_after"] = self.summary.get("mmlu_last")
+        self.summary["params_sha256"] = _params_sha256(self.state.params)
         self.summary.update(best_step=best["step"], mmlu_best=best["score"] if best["step"] else None,
                             steps_done=int(self.state.step), tokens_trained_this_session=tokens_trained,
                             tokens_per_s=tokens_trained / train_time if train_time > 0 else None)
@@ -535,6 +536,19 @@ class Run:
         fig.tight_layout()
         fig.savefig(self.out / "curves.png", dpi=100)
         plt.close(fig)
+
+
+def _params_sha256(params) -> str:
+    """Content hash of every weight (names, shapes, bytes): equal runs give equal hashes."""
+    import hashlib
+
+    from sylva_jax import tree as tree_lib
+
+    h = hashlib.sha256()
+    for name, leaf in sorted(tree_lib.flatten(params).items()):
+        a = np.asarray(leaf)
+        h.update(name.encode() + str(a.shape).encode() + str(a.dtype).encode() + a.tobytes())
+    return h.hexdigest()
 
 
 def jax_leaves(tree):
