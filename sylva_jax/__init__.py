@@ -30,6 +30,13 @@ _EXPORTS = {
     "make_train_step": "sylva_jax.train",
     "save_adapter": "sylva_jax.checkpoint",
     "load_adapter": "sylva_jax.checkpoint",
+    # data
+    "load_instruct": "sylva_jax.data.instruct",
+    "load_default_train_data": "sylva_jax.data.instruct",
+    "tokenize_conversation": "sylva_jax.data.instruct",
+    "load_mmlu": "sylva_jax.data.mmlu",
+    "evaluate_mmlu": "sylva_jax.data.mmlu",
+    "batches": "sylva_jax.data.batching",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
