@@ -266,13 +266,19 @@ def test_padding_invariance_and_position_ids():
 
 
 def _greedy_reference(model, ids, mask, n):
-    ids, mask = np.asarray(ids), np.asarray(mask)
+    """Greedy decoding by full forward passes (no cache) on one fixed-size buffer.
+
+    Slots after the current step are masked out and, being later in time, cannot affect the
+    logits read at the current step (causal mask), so one compiled shape serves every step.
+    """
+    B, T = ids.shape
+    buf = np.concatenate([ids, np.zeros((B, n), np.int32)], 1)
+    m = np.concatenate([mask, np.zeros((B, n), np.int32)], 1)
     fwd = jax.jit(lambda i, a: model(i, a))
-    for _ in range(n):
-        nxt = np.asarray(fwd(ids, mask))[:, -1].argmax(-1).astype(np.int32)
-        ids = np.concatenate([ids, nxt[:, None]], 1)
-        mask = np.concatenate([mask, np.ones_like(mask[:, :1])], 1)
-    return ids
+    for k in range(n):
+        buf[:, T + k] = np.asarray(fwd(buf, m))[:, T + k - 1].argmax(-1)
+        m[:, T + k] = 1
+    return buf
 
 
 def test_generate_matches_full_forward_greedy():
