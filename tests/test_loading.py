@@ -222,8 +222,14 @@ def test_hf_dir_roundtrip_single_and_sharded(smollm2, tmp_path):
         loaded2, tok3 = load_pretrained(str(sharded), dtype="bfloat16")
     assert tok3 is None and loaded2.config.dtype == "bfloat16" and loaded2.config.param_dtype == "bfloat16"
     c = tree.flatten(split(loaded2)[1])
+    # bf16 keeps 8 mantissa bits: relative rounding error <= 2^-9, inside rtol 1e-2
     assert all(c[k].dtype == jnp.bfloat16 and np.allclose(np.asarray(c[k], np.float32), a[k], rtol=1e-2, atol=1e-6)
                for k in a)
+    # bf16 parameters export as bf16 and reload bit-identically
+    d3 = save_pretrained(loaded2, tmp_path / "bf16")
+    assert json.loads((tmp_path / "bf16" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    e = tree.flatten(split(load_pretrained(d3, dtype="bfloat16")[0])[1])
+    assert all(e[k].dtype == jnp.bfloat16 and np.array_equal(np.asarray(e[k]), np.asarray(c[k])) for k in c)
 
 
 # ---------------------------------------------------------------------------- errors
