@@ -245,12 +245,15 @@ def init(dim: int, num_partition: int = 8, dtype=jnp.float32, kind: str = "hodlr
 # --------------------------------------------------------------------------- packed levels
 #
 # All off-diagonal levels hold the same number of entries (u and v of level k are
-# ``2^k x h_k = D/2`` numbers), so the levels are processed together: ``u``/``v`` are packed
-# into ``[P, D/2]`` arrays (level-major), the ``T = 2^P - 1`` tiles are numbered in heap
-# order (level k, node j -> ``2^k - 1 + j``), per-tile reductions are one ``segment_sum``
-# and per-tile scalar work is one ``vmap`` over all tiles of all levels. This is the same
-# arithmetic as a ``vmap`` over the nodes of each level, but the traced program does not
-# grow with ``P`` (fast compiles), and no array is larger than ``[P, D, k]``.
+# ``2^k x h_k = D/2`` numbers), so inside the two loops (``lax.scan`` over vectors in
+# ``update``, over levels in the Woodbury build) the levels are processed together:
+# ``u``/``v`` are packed into ``[P, D/2]`` arrays (level-major), the ``T = 2^P - 1`` tiles
+# are numbered in heap order (level k, node j -> ``2^k - 1 + j``), per-tile reductions are
+# one ``segment_sum`` and per-tile scalar work (the Brand 2x2 core, the Woodbury 2x2 ``C``)
+# is one ``vmap`` over all tiles of all levels. This is the arithmetic of a ``vmap`` over
+# the nodes of each level, but the loop bodies do not grow with ``P`` (fast compiles) and
+# hold ``O(P D)`` numbers. Products with wide ``[D, k]`` operands (``_lowrank_apply``)
+# instead visit the levels through free reshapes, ``O(D k)`` memory.
 
 
 @lru_cache(maxsize=None)
@@ -310,7 +313,32 @@ def _lowrank_apply(h: HodlrFactor, z0, z1, c, y: jax.Array) -> jax.Array:
     tile ``t`` contributes ``Z_t C_t Z_t^T`` with ``Z_t = [[z0_t, 0], [0, z1_t]]``. With
     ``z0 = v``, ``z1 = u``, ``C = [[0, s], [s, 0]]`` this is the off-diagonal part of ``F``;
     with the Woodbury ``Z, C`` it is the correction in ``M^-1 = D^-1 - Z C Z^T``.
+    Narrow ``y`` (``k <= 2``: the solves inside the Woodbury build, vector products) use the
+    packed form, all levels at once (``O(P D k)`` memory, a loop body that does not grow
+    with ``P``). Wider ``y`` (importance scoring multiplies by ``[d, out]`` gradients) visits
+    the levels in turn through free reshapes ``[2^k, 2, h, k]``, ``O(D k)`` memory; every
+    node of a level is handled by the same batched einsum.
     """
+    dd, kk = h.padded_dim, y.shape[-1]
+    if kk <= 2:
+        return _lowrank_apply_packed(h, z0, z1, c, y)
+    out = jnp.zeros_like(y)
+    for level in range(h.num_partition):
+        nodes, hk = 1 << level, dd >> (level + 1)
+        a0, a1 = z0[level].reshape(nodes, hk), z1[level].reshape(nodes, hk)
+        cl = c[nodes - 1:2 * nodes - 1]                                   # [2^k, 2, 2]
+        y3 = y.reshape(nodes, 2, hk, kk)
+        t = jnp.stack([jnp.einsum("jh,jhk->jk", a0, y3[:, 0], precision=_HI),
+                       jnp.einsum("jh,jhk->jk", a1, y3[:, 1], precision=_HI)], axis=1)
+        w = jnp.einsum("jab,jbk->jak", cl, t, precision=_HI)              # [2^k, 2, k]
+        corr = jnp.stack([a0[:, :, None] * w[:, 0, None, :], a1[:, :, None] * w[:, 1, None, :]],
+                         axis=1)
+        out = out + corr.reshape(dd, kk)
+    return out
+
+
+def _lowrank_apply_packed(h: HodlrFactor, z0, z1, c, y: jax.Array) -> jax.Array:
+    """:func:`_lowrank_apply` with all levels at once (gathers + one ``segment_sum``)."""
     col, row, tid, perm, _ = _tables(h.padded_dim, h.num_partition)
     num_tiles = (1 << h.num_partition) - 1
     tid_j = jnp.asarray(tid)
