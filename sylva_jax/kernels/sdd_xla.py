@@ -34,6 +34,11 @@ def sdd_xla(dy: jax.Array, x: jax.Array, rows: jax.Array, cols: jax.Array, *,
     # by the caller when concrete.
     dyg = jnp.take(dy3, rows, axis=1, mode="clip")          # [N, nnz, bs]
     xg = jnp.take(x3, cols, axis=1, mode="clip")            # [N, nnz, bs]
+    if dyg.dtype in (jnp.bfloat16, jnp.float16) and jax.default_backend() == "cpu":
+        # XLA:CPU (jax 0.10) has no batched BF16 x BF16 = F32 dot: under jit with nnz >= 2
+        # it fails at run time (UNIMPLEMENTED ... DotThunk). Low-precision products are
+        # exact in float32, so float32 operands give the same float32-accumulated tiles.
+        dyg, xg = dyg.astype(jnp.float32), xg.astype(jnp.float32)
     out = jax.lax.dot_general(
         dyg, xg,
         dimension_numbers=(((0,), (0,)), ((1,), (1,))),     # contract N, batch nnz
