@@ -222,8 +222,13 @@ class Run:
             log(bar)
         convs = data.conversations
         if cfg["max_train_samples"] is not None:
-            convs = convs[: cfg["max_train_samples"]]
+            # tokenize a few more than needed: conversations whose answer falls past
+            # max_seq_len are dropped, and the cap applies to usable examples
+            convs = convs[: 4 * cfg["max_train_samples"]]
         examples, stats = instruct.tokenize_dataset(self.tok, convs, cfg["max_seq_len"], cfg["template"])
+        if cfg["max_train_samples"] is not None:
+            examples = examples[: cfg["max_train_samples"]]
+            stats["n"] = len(examples)
         if not examples:
             raise ExperimentError(f"training data {data.source} gave no example with assistant tokens "
                                   f"within --max_seq_len {cfg['max_seq_len']}")
@@ -420,6 +425,7 @@ class Run:
         old_handler = signal.signal(signal.SIGINT, self._on_sigint)
         tokens_trained = 0
         train_time = 0.0
+        first_step = True
         window: list[dict] = []
         try:
             from tqdm.auto import tqdm
@@ -442,11 +448,13 @@ class Run:
                         f"in {self.out / 'checkpoints'} is intact (lower --learning_rate, or check the data)")
                 self.state = new_state
                 step += 1
-                tok = int(m["tokens"])
-                tokens_trained += tok
-                train_time += dt
+                tok = int(np.sum(batch["attention_mask"]))  # real (non-padding) tokens processed
+                if not first_step:  # the first step of a session includes compilation
+                    tokens_trained += tok
+                    train_time += dt
+                first_step = False
                 rec = {"step": step, "loss": loss, "lr": float(m["lr"]), "grad_norm": float(m["grad_norm"]),
-                       "tokens": tok, "step_time_s": dt, "tokens_per_s": tok / dt if dt > 0 else None}
+                       "tokens": tok, "loss_tokens": int(m["tokens"]), "step_time_s": dt, "tokens_per_s": tok / dt if dt > 0 else None}
                 window.append(rec)
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.3f}", lr=f"{rec['lr']:.2e}", tok_s=f"{tok / max(dt, 1e-9):.0f}")
@@ -494,7 +502,7 @@ class Run:
             self.summary["mmlu_after"] = self.summary.get("mmlu_last")
         self.summary["params_sha256"] = _params_sha256(self.state.params)
         self.summary.update(best_step=best["step"], mmlu_best=best["score"] if best["step"] else None,
-                            steps_done=int(self.state.step), tokens_trained_this_session=tokens_trained,
+                            steps_done=int(self.state.step), tokens_timed=tokens_trained,
                             tokens_per_s=tokens_trained / train_time if train_time > 0 else None)
         if status not in ("interrupted", "stopped") and cfg["method"] == "sylva":
             from sylva_jax.checkpoint import save_adapter
