@@ -63,6 +63,9 @@ __all__ = ["TrainState", "Trainer", "make_train_step", "make_schedule", "METHODS
 
 METHODS = ("sylva", "lora", "full", "floor")
 
+# optax.global_norm is deprecated in favour of optax.tree.norm in recent optax
+_global_norm = getattr(getattr(optax, "tree", None), "norm", None) or optax.global_norm
+
 
 @struct.dataclass
 class TrainState:
@@ -170,6 +173,7 @@ def make_train_step(
     lora_rank: int = 16,
     lora_alpha: float = 32.0,
     lora_dropout: float = 0.0,
+    lora_dropout_impl: str = "hash",
     learning_rate: float = 2e-4,
     schedule: str = "linear",
     warmup_steps: int = 100,
@@ -193,7 +197,9 @@ def make_train_step(
       model_or_graphdef: a ``LlamaForCausalLM`` (split here) or the graphdef from
         ``llama.split``; with ``apply_fn`` given, any object ``apply_fn`` accepts.
       adapter: the ``Adapter`` (``make_adapter``); required for ``sylva``.
-      scope, lora_rank, lora_alpha, lora_dropout: LoRA only (see :mod:`sylva_jax.lora`).
+      scope, lora_rank, lora_alpha, lora_dropout, lora_dropout_impl: LoRA only (see
+        :mod:`sylva_jax.lora`; ``"hash"`` dropout masks are a cheap counter-based generator,
+        ``"threefry"`` uses ``jax.random.bernoulli``).
       learning_rate, schedule, warmup_steps, total_steps: see :func:`make_schedule`.
       b1, b2, eps, weight_decay: AdamW (published defaults 0.9, 0.999, 1e-6, 0).
       max_grad_norm: clip the trainable gradient to this global norm (``None``: no clip).
@@ -255,7 +261,8 @@ def make_train_step(
             logits = forward(state.params, batch, adapter.linear_fn(trainable, **lin_kwargs))
         elif method == "lora":
             fn = lora_lib.lora_linear_fn(trainable, dropout=lora_dropout,
-                                         rng=rng if lora_dropout > 0 else None)
+                                         rng=rng if lora_dropout > 0 else None,
+                                         dropout_impl=lora_dropout_impl)
             logits = forward(state.params, batch, fn)
         elif method == "full":
             logits = forward(trainable, batch, None)
@@ -266,6 +273,17 @@ def make_train_step(
     def update(state, trainable, grads):
         if method == "floor":
             return state
+        if method == "sylva":
+            # The in-place scatter of a weight's tile update must come after every read of the
+            # old weight. The backward's dx = dy W is such a read that is NOT an ancestor of
+            # that weight's own update, so XLA's copy insertion copies every adapted weight
+            # (measured: one extra copy of each adapted W in temporary memory). A data
+            # dependency of every update on every gradient orders all reads before all writes
+            # (a layer's dx is an ancestor of the gradients of the layers below it): scale
+            # the gradients by (1 + 0 * global norm), exactly 1 for finite gradients (NaN/inf
+            # still propagate). (optimization_barrier does not survive to copy insertion.)
+            one = 1.0 + 0.0 * _global_norm(grads)
+            grads = jax.tree.map(lambda g: g * one.astype(g.dtype), grads)
         updates, opt_state = opt.update(grads, state.opt_state, trainable)
         if method == "sylva":
             return state.replace(params=adapter.apply_updates(state.params, updates), opt_state=opt_state)
@@ -287,9 +305,11 @@ def make_train_step(
                 f"with accum_steps={k} every batch array must be "
                 + (f"[{k}, b, T] (a leading micro-batch axis)" if k > 1 else "[b, T]")
                 + f"; got input_ids of shape {tuple(ids.shape)}")
-        for name, arr in batch.items():
-            if arr.shape != ids.shape:
+        for name in ("attention_mask", "labels"):
+            arr = batch.get(name)
+            if arr is not None and arr.shape != ids.shape:
                 raise ValueError(f"batch[{name!r}] has shape {tuple(arr.shape)}, input_ids {tuple(ids.shape)}")
+        return {name: batch[name] for name in ("input_ids", "attention_mask", "labels") if name in batch}
 
     def micro_weights(labels):  # labels [k, b, T] -> weights [k], total tokens
         n = jax.vmap(_count_tokens)(labels)
@@ -304,7 +324,7 @@ def make_train_step(
         return jnp.float32 if jnp.issubdtype(x.dtype, jnp.floating) else x.dtype
 
     def finish(state, trainable, loss, grads, tokens, nsamples, step_rng_next):
-        gnorm = optax.global_norm(grads)
+        gnorm = _global_norm(grads)
         grads = jax.tree.map(lambda g, t: g.astype(t.dtype), grads, trainable)
         lr = sched(state.step) if sched is not None else jnp.zeros((), jnp.float32)
         new = update(state, trainable, grads)
@@ -366,7 +386,7 @@ def make_train_step(
     jit_zeros = jax.jit(zeros_like_trainable)
 
     def loop_step(state, batch):
-        check_batch(batch)
+        batch = check_batch(batch)
         if k == 1:
             return jit_scan_step(state, batch)
         w, tokens = jit_weights(batch["labels"])
@@ -378,14 +398,13 @@ def make_train_step(
         return jit_apply(state, acc, loss, tokens, k * batch["input_ids"].shape[1])
 
     def step(state, batch):
-        check_batch(batch)
+        batch = check_batch(batch)
         return jit_scan_step(state, batch)
 
     def grads(state, batch):
         """``(loss, grads)``: the differentiated loss and the trainable gradient of one step
         (accumulated, before clipping) without updating anything; for tests and debugging."""
-        check_batch(batch)
-        return jit_grads(state, batch)
+        return jit_grads(state, check_batch(batch))
 
     # ---- init, evaluation
     def init(params=None, *, seed: int = 0, lora: lora_lib.LoraParams | None = None,

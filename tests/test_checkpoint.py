@@ -11,30 +11,18 @@ import orbax.checkpoint as ocp
 import pytest
 
 from sylva_jax import tree as tree_lib
-from sylva_jax.adapter import make_adapter
 from sylva_jax.checkpoint import RunCheckpoints, fingerprint, load_adapter, save_adapter
 from sylva_jax.train import make_train_step
-from test_train import BS, copy, make_batch, tiny_llama
+from test_train import BS, copy, make_batch, shared
 
 N = 2  # steps between saves
 
 
 @pytest.fixture(scope="module")
 def setup():
-    graphdef, params = tiny_llama(seed=1)
-    rng = np.random.default_rng(2)
-    masks = {p: rng.random((w.shape[0] // BS, w.shape[1] // BS)) < 0.25
-             for p, w in tree_lib.flatten(params).items() if "self_attn" in p}
-    for m in masks.values():
-        m[0, 0] = True
-    adapter = make_adapter(params, masks, block_size=BS)
-    kw = dict(learning_rate=1e-2, schedule="linear", warmup_steps=1, total_steps=10)
-    trainers = {
-        "sylva": make_train_step(graphdef, method="sylva", adapter=adapter, **kw),
-        # dropout: the resumed run must also restore the RNG to match
-        "lora": make_train_step(graphdef, method="lora", scope="self_attn", lora_rank=4, lora_dropout=0.1, **kw),
-    }
-    return graphdef, params, adapter, trainers
+    """The tiny LLaMA, adapter and trainers of tests/test_train.py (compiled once); the
+    lora trainer has dropout, so an exact resume must also restore the RNG."""
+    return shared()
 
 
 def run(trainer, state, steps):
@@ -51,7 +39,7 @@ def assert_trees_equal(a, b):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
-@pytest.mark.parametrize("method", ["sylva", "lora"])
+@pytest.mark.parametrize("method", ["sylva", "lora_dropout"])
 def test_resume_is_bitwise_exact(setup, tmp_path, method):
     """2N steps straight == N steps, save, restore into a fresh state, N steps."""
     _, params, _, trainers = setup
@@ -144,11 +132,13 @@ def test_adapter_checkpoint_roundtrip_size_and_base_check(setup, tmp_path):
     np.testing.assert_array_equal(trainer.logits(state.replace(params=loaded), batch["input_ids"],
                                                  batch["attention_mask"]), tuned_logits)
 
-    # size: proportional to the tiles (4 bytes each plus small metadata), << the model
+    # size: proportional to the tiles (4 bytes each plus coordinates and JSON): here ~20%
+    # of the layer weights are tiles, so the file is < 1/3 of the model (5% at 95% sparsity)
     size = sum(f.stat().st_size for f in path.iterdir())
     model_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
-    assert adapter.num_trainable * 4 <= size < adapter.num_trainable * 4 + 64 * 1024
-    assert size < 0.25 * model_bytes
+    assert adapter.num_trainable * 4 <= size < adapter.num_trainable * 4 + 32 * 1024
+    assert size < model_bytes * adapter.num_trainable / sum(x.size for x in jax.tree.leaves(params)) + 32 * 1024
+    assert size < model_bytes / 3
 
     # a different base: one element of a frozen (non-tile) part changed -> clear error
     flat = tree_lib.flatten(params)

@@ -6,6 +6,7 @@ References are independent of the code under test: dense ``jax.grad`` of the pla
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -16,7 +17,7 @@ import pytest
 
 from sylva_jax import tree as tree_lib
 from sylva_jax.adapter import make_adapter
-from sylva_jax.lora import init_lora, lora_linear_fn, merge_lora
+from sylva_jax.lora import dropout_keep_mask, init_lora, lora_linear_fn, merge_lora
 from sylva_jax.losses import IGNORE_INDEX, lm_loss
 from sylva_jax.models import llama
 from sylva_jax.train import make_schedule, make_train_step
@@ -42,24 +43,6 @@ def tiny_llama(seed=0, cfg=CFG):
         lambda s: jnp.asarray(rng.normal(0.0, 0.08, s.shape) if len(s.shape) == 2 else np.ones(s.shape),
                               s.dtype), abstract)
     return graphdef, params
-
-
-@pytest.fixture(scope="module")
-def base():
-    return tiny_llama()
-
-
-@pytest.fixture(scope="module")
-def adapter(base):
-    _, params = base
-    rng = np.random.default_rng(1)
-    masks = {}
-    for path, w in tree_lib.flatten(params).items():
-        if ".layers." in path and w.ndim == 2:
-            m = rng.random((w.shape[0] // BS, w.shape[1] // BS)) < 0.2
-            m[rng.integers(m.shape[0]), rng.integers(m.shape[1])] = True
-            masks[path] = m
-    return make_adapter(params, masks, block_size=BS)
 
 
 def make_batch(seed, b, t=16, lead=()):
@@ -96,19 +79,30 @@ def dense(base):
             "logits": jax.jit(lambda p, b: llama.apply(graphdef, p, b["input_ids"], b["attention_mask"]))}
 
 
-# Trainers are shared between tests (one compilation per trainer and batch shape). eps is
-# 1e-4 rather than the published 1e-6 so that Adam's g / (|g| + eps) is well conditioned
-# and comparisons with references can be tight (the equivalence does not depend on eps).
+# Trainers are shared between tests (and with tests/test_checkpoint.py): one compilation
+# per trainer and batch shape. eps is 1e-4 rather than the published 1e-6 so that Adam's
+# g / (|g| + eps) is well conditioned and comparisons with references can be tight (the
+# equivalences tested do not depend on eps).
 SYLVA_KW = dict(learning_rate=1e-2, schedule="linear", warmup_steps=1, total_steps=40, weight_decay=0.05,
                 eps=1e-4)
 LORA_KW = dict(scope="self_attn", lora_rank=4, lora_alpha=8.0, learning_rate=1e-2, schedule="constant",
                warmup_steps=0, eps=1e-4)
 
 
-@pytest.fixture(scope="module")
-def trainers(base, adapter):
-    graphdef, _ = base
-    return {
+@functools.lru_cache(maxsize=None)
+def shared():
+    """``(graphdef, params, adapter, trainers)``, built once per process. Tests must never
+    donate ``params`` itself: ``trainer.init(copy(params))`` before stepping."""
+    graphdef, params = tiny_llama()
+    rng = np.random.default_rng(1)
+    masks = {}
+    for path, w in tree_lib.flatten(params).items():
+        if ".layers." in path and w.ndim == 2:
+            m = rng.random((w.shape[0] // BS, w.shape[1] // BS)) < 0.2
+            m[rng.integers(m.shape[0]), rng.integers(m.shape[1])] = True
+            masks[path] = m
+    adapter = make_adapter(params, masks, block_size=BS)
+    trainers = {
         "sylva": make_train_step(graphdef, method="sylva", adapter=adapter, **SYLVA_KW),
         "lora": make_train_step(graphdef, method="lora", **LORA_KW),
         "lora_dropout": make_train_step(graphdef, method="lora", scope=["self_attn", "mlp.up"], lora_rank=8,
@@ -117,6 +111,22 @@ def trainers(base, adapter):
         "full": make_train_step(graphdef, method="full", learning_rate=3e-3, schedule="constant",
                                 warmup_steps=0, max_grad_norm=0.5),
     }
+    return graphdef, params, adapter, trainers
+
+
+@pytest.fixture(scope="module")
+def base():
+    return shared()[:2]
+
+
+@pytest.fixture(scope="module")
+def adapter():
+    return shared()[2]
+
+
+@pytest.fixture(scope="module")
+def trainers():
+    return shared()[3]
 
 
 # ------------------------------------------------------------------------------ sylva
@@ -315,6 +325,17 @@ def test_lora_dropout_is_on_the_branch_and_seeded(base):
                                   x @ flat[other].T)
     with pytest.raises(ValueError, match="rng"):
         lora_linear_fn(lora, dropout=0.1)
+    # the counter-based masks: keep rate 1 - p, independent across weights and keys
+    n, p = 200_000, 0.05
+    m0, m1 = (np.asarray(dropout_keep_mask(key, i, (n,), p)) for i in (0, 1))
+    m2 = np.asarray(dropout_keep_mask(jax.random.PRNGKey(4), 0, (n,), p))
+    sigma = math.sqrt(p * (1 - p) / n)  # binomial standard deviation of a keep fraction
+    for m in (m0, m1, m2):
+        assert abs(m.mean() - (1 - p)) < 5 * sigma
+    for a, b in ((m0, m1), (m0, m2)):  # both dropped: p^2 if independent
+        assert abs((~a & ~b).mean() - p * p) < 5 * math.sqrt(p * p / n)
+    tf = np.asarray(dropout_keep_mask(key, 0, (n,), p, impl="threefry"))
+    assert abs(tf.mean() - (1 - p)) < 5 * sigma
     with pytest.raises(ValueError, match="matches no"):
         init_lora(params, scope="attn_typo")
 
