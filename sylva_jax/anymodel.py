@@ -45,6 +45,7 @@ so that body is differentiated by JAX's own rules (its forward value is unchange
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import math
@@ -76,7 +77,7 @@ _ClosedJaxpr = _jcore.ClosedJaxpr
 
 # Primitive names across jax versions (0.4.x used "pjit", "checkpoint", "custom_vjp_call_jaxpr").
 _CALLS = frozenset({"pjit", "jit", "closed_call", "core_call"})
-_REMATS = frozenset({"remat2", "checkpoint", "remat"})
+_REMATS = frozenset({"remat2", "checkpoint", "remat"})   # + "call_hi_primitive" (remat3)
 _CUSTOM = frozenset({"custom_jvp_call", "custom_jvp_call_jaxpr", "custom_vjp_call",
                      "custom_vjp_call_jaxpr"})
 _LOOPS = frozenset({"scan", "while"})
@@ -146,7 +147,8 @@ def _bind(eqn, invals):
     got = eqn.primitive.get_bind_params(eqn.params)
     # jax >= 0.7 returns the bind params; older jax returned (subfuns, params)
     subfuns, params = got if isinstance(got, tuple) else ((), got)
-    with eqn.ctx.manager:
+    ctx = getattr(eqn, "ctx", None)
+    with (ctx.manager if ctx is not None else contextlib.nullcontext()):
         out = eqn.primitive.bind(*subfuns, *invals, **params)
     return out if eqn.primitive.multiple_results else [out]
 
@@ -243,7 +245,18 @@ class _Interpreter:
             sub, consts = _sub_jaxpr(eqn)
             return self._nested(name, sub, consts, invals, in_tags)
         if name in _REMATS:
-            return self._remat(eqn, invals, in_tags)
+            sub, consts = _sub_jaxpr(eqn)
+            kw = {k: eqn.params[k] for k in ("prevent_cse", "policy") if k in eqn.params}
+            return self._remat(name, sub, consts, invals, in_tags, kw)
+        prim = eqn.params.get("_prim") if name == "call_hi_primitive" else None
+        if prim is not None and "remat" in type(prim).__name__.lower() and \
+                hasattr(prim, "jaxpr"):
+            # jax_remat3 (jax >= 0.10 option): remat staged as a "hi" primitive holding
+            # the body jaxpr and the policy
+            j = prim.jaxpr
+            sub, consts = (j.jaxpr, list(j.consts)) if isinstance(j, _ClosedJaxpr) else (j, [])
+            return self._remat("remat3", sub, consts, invals, in_tags,
+                               {"policy": getattr(prim, "policy", None)})
         if name == "cond":
             return self._cond(eqn, invals, in_tags)
         for t in in_tags:
@@ -274,18 +287,17 @@ class _Interpreter:
         finally:
             self._where.pop()
 
-    def _remat(self, eqn, invals, in_tags):
-        sub, consts = _sub_jaxpr(eqn)
+    def _remat(self, name, sub, consts, invals, in_tags, kw):
+        """Inlined for analysis/capture; kept as ``jax.checkpoint`` when training."""
         if self.mode != "train":
-            return self._nested(eqn.primitive.name, sub, consts, invals, in_tags)
+            return self._nested(name, sub, consts, invals, in_tags)
         holder = {}
 
         def body(*args):
-            outs, out_tags = self._nested(eqn.primitive.name, sub, consts, args, in_tags)
+            outs, out_tags = self._nested(name, sub, consts, args, in_tags)
             holder["tags"] = out_tags
             return outs
 
-        kw = {k: eqn.params[k] for k in ("prevent_cse", "policy") if k in eqn.params}
         outs = jax.checkpoint(body, **kw)(*invals)
         return list(outs), holder.get("tags")
 

@@ -63,7 +63,7 @@ class LinenMLP(nn.Module):
     @nn.compact
     def __call__(self, x):
         x = nn.relu(nn.Dense(64, name="fc1")(x))
-        x = jnp.tanh(nn.Dense(48, name="fc2")(x))
+        x = jnp.tanh(nn.Dense(32, name="fc2")(x))
         return nn.Dense(16, name="fc3")(x)
 
 
@@ -107,9 +107,9 @@ def lm_fn(model):
 class NNXNet(nnx.Module):
     def __init__(self, rngs):
         self.up = nnx.Linear(16, 32, rngs=rngs)
-        self.down = nnx.Linear(32, 24, rngs=rngs)
-        self.norm = nnx.LayerNorm(24, rngs=rngs)
-        self.head = nnx.Linear(24, 8, use_bias=False, rngs=rngs)
+        self.down = nnx.Linear(32, 32, rngs=rngs)
+        self.norm = nnx.LayerNorm(32, rngs=rngs)
+        self.head = nnx.Linear(32, 16, use_bias=False, rngs=rngs)
 
     def __call__(self, x, linear=None):
         lin = linear or (lambda name, layer, h: layer(h))
@@ -142,14 +142,17 @@ def _soft_clip_jvp(primals, tangents):
 
 def plain_forward(params, x, taps=None):
     """A plain-function model: weights stored [out, in], transposed and cast to bfloat16
-    before the product, inside a nested jit and a remat; ``taps`` (reference only) is
-    ``(probes, record)``: adds ``probes[name]`` to each product and records its input."""
+    before the product, inside a nested jit, a remat and one branch of a ``lax.cond``
+    (taken when ``x[..., 0].sum() > 0``); ``taps`` (reference only) is ``(probes, record)``:
+    adds ``probes[name]`` to each product and records its input (zero when the branch is
+    not taken: the layer saw nothing)."""
+    use = x[..., 0].sum() > 0
 
-    def product(name, h, w_t):
+    def product(name, h, w_t, gate=True):
         y = h @ w_t
         if taps is not None:
             probes, record = taps
-            record[name] = h
+            record[name] = h * gate
             y = y + probes[name].astype(y.dtype)
         return y
 
@@ -158,11 +161,16 @@ def plain_forward(params, x, taps=None):
     h = soft_clip(h.astype(jnp.float32))
     w2 = params["w2"]
 
-    def inner(h, w2):
-        return product("w2", h.astype(jnp.bfloat16), w2.T.astype(jnp.bfloat16))
+    def inner(h, w2, gate=True):
+        return product("w2", h.astype(jnp.bfloat16), w2.T.astype(jnp.bfloat16), gate)
 
-    # the reference taps record by side effect, so they run without remat
-    h = inner(h, w2) if taps is not None else jax.jit(jax.checkpoint(inner))(h, w2)
+    def skip(h):
+        return jnp.zeros(h.shape[:-1] + (w2.shape[0],), jnp.bfloat16)
+
+    if taps is not None:   # the reference records by side effect: no remat, no cond
+        h = jnp.where(use, inner(h, w2, use), skip(h))
+    else:
+        h = jax.lax.cond(use, lambda h: jax.jit(jax.checkpoint(inner))(h, w2), skip, h)
     return h.astype(jnp.float32) + params["b2"]
 
 
@@ -179,7 +187,7 @@ def plain_loss(params, batch):
 def linen_lm():
     model = LinenLM()
     b = lm_batches(0, 1, 1)[0]
-    params = model.init(jax.random.key(0), b["input_ids"], b["attention_mask"])["params"]
+    params = jax.jit(model.init)(jax.random.key(0), b["input_ids"], b["attention_mask"])["params"]
     return model, params
 
 
@@ -192,7 +200,7 @@ def nnx_net():
         am = np.ones((3, T), np.int32)
         am[:, T - 2 - i:] = 0
         batches.append({"x": rng.normal(size=(3, T, 16)).astype(np.float32),
-                        "y": rng.normal(size=(3, T, 8)).astype(np.float32),
+                        "y": rng.normal(size=(3, T, 16)).astype(np.float32),
                         "attention_mask": am})
     return graphdef, params, batches
 
@@ -200,14 +208,14 @@ def nnx_net():
 def plain_params():
     rng = np.random.default_rng(5)
     return {"w1": jnp.asarray(rng.normal(size=(32, 16)) / 4, jnp.float32),
-            "w2": jnp.asarray(rng.normal(size=(8, 32)) / 6, jnp.float32),
-            "b2": jnp.asarray(rng.normal(size=(8,)), jnp.float32)}
+            "w2": jnp.asarray(rng.normal(size=(16, 32)) / 6, jnp.float32),
+            "b2": jnp.asarray(rng.normal(size=(16,)), jnp.float32)}
 
 
-def plain_batches(n=5, bsz=3):
+def plain_batches(n=6, bsz=3):
     rng = np.random.default_rng(6)
     x = rng.normal(size=(n, 4, 16)).astype(np.float32)
-    y = rng.normal(size=(n, 4, 8)).astype(np.float32)
+    y = rng.normal(size=(n, 4, 16)).astype(np.float32)
     return [{"x": x[i:i + bsz], "y": y[i:i + bsz]} for i in range(0, n, bsz)]
 
 
@@ -310,14 +318,14 @@ def test_capture_linen_transformer_equals_intercepted_taps(linen_lm):
     """Dense [in, out] and DenseGeneral [E, H, D] / [H, D, E] kernels; padded batches of
     2 (scalar token-mean loss -> per-sample losses by vmap over batches of one)."""
     model, params = linen_lm
-    batches = lm_batches(1, 5, 2)
+    batches = lm_batches(1, 4, 2)
     stats = anymodel.capture(lm_fn(model), params, batches, scope=LM_SCOPE,
-                             factor_kind="dense", num_samples=5)
+                             factor_kind="dense", num_samples=4)
     names = [f"block.{m}.kernel" for m in ("query", "key", "value", "out", "fc1", "fc2")]
     assert sorted(stats) == sorted(names)
     assert stats["block.query.kernel"].shape == (H * D, E)
     assert stats["block.out.kernel"].shape == (E, H * D)
-    assert stats.num_samples == 5
+    assert stats.num_samples == 4
     check_stats(stats, linen_lm_reference(model, params, names, batches))
     # the layer's weight in the Stats is the [out, in] view of the stored kernel
     np.testing.assert_array_equal(np.asarray(stats["block.out.kernel"].weight),
@@ -327,12 +335,13 @@ def test_capture_linen_transformer_equals_intercepted_taps(linen_lm):
 def test_capture_linen_mlp_equals_intercepted_taps():
     model = LinenMLP()
     rng = np.random.default_rng(2)
-    x = rng.normal(size=(6, 24)).astype(np.float32)
+    x = rng.normal(size=(6, 32)).astype(np.float32)
     y = rng.normal(size=(6, 16)).astype(np.float32)
-    params = model.init(jax.random.key(1), x[:1])["params"]
-    batches = [{"x": x[:4], "y": y[:4]}, {"x": x[4:], "y": y[4:]}]
+    params = jax.jit(model.init)(jax.random.key(1), x[:1])["params"]
+    batches = [{"x": x[:3], "y": y[:3]}, {"x": x[3:], "y": y[3:]}]
     fn = functools.partial(mlp_loss, model)
-    stats = anymodel.capture(fn, params, batches, scope="kernel", factor_kind="dense")
+    stats = anymodel.capture(fn, params, batches, scope="kernel", factor_kind="dense",
+                             num_samples=6)
     names = ["fc1.kernel", "fc2.kernel", "fc3.kernel"]
 
     def loss(params, probes, b):
@@ -394,13 +403,14 @@ def test_capture_nnx_scalar_and_per_example_losses_equal_reference(nnx_net):
     names = ["up.kernel", "down.kernel", "head.kernel"]
     ref = nnx_reference(graphdef, params, batches, names)
     scalar = anymodel.capture(functools.partial(nnx_loss, graphdef), params, batches,
-                              scope=names, factor_kind="dense")
+                              scope=names, factor_kind="dense", num_samples=6)
 
     def per_example(params, batch):
         m = batch["attention_mask"].astype(jnp.float32)
         return (nnx_loss_per_token(graphdef, params, batch) * m).sum(1) / m.sum(1)
 
-    vector = anymodel.capture(per_example, params, batches, scope=names, factor_kind="dense")
+    vector = anymodel.capture(per_example, params, batches, scope=names, factor_kind="dense",
+                              num_samples=6)
     assert sorted(scalar) == sorted(names) and scalar.num_samples == 6
     check_stats(scalar, ref)
     check_stats(vector, ref)
@@ -408,12 +418,12 @@ def test_capture_nnx_scalar_and_per_example_losses_equal_reference(nnx_net):
 
 def test_capture_plain_bf16_transposed_weights_equal_hand_taps():
     """W [out, in] transposed and cast to bf16 before the product, inside jit + remat +
-    a custom_jvp; no token mask (every position real)."""
+    a cond branch taken by some samples only, after a custom_jvp; no token mask."""
     params = plain_params()
     batches = plain_batches()
     stats = anymodel.capture(plain_loss, params, batches, scope=["w1", "w2"],
-                             factor_kind="dense")
-    shapes = {"w1": (32, 16), "w2": (8, 32)}
+                             factor_kind="dense", num_samples=6)
+    shapes = {"w1": (32, 16), "w2": (16, 32)}
 
     def loss(params, probes, b):
         record = {}
@@ -427,7 +437,9 @@ def test_capture_plain_bf16_transposed_weights_equal_hand_taps():
         return acts, {n: d for n, d in dprobe.items()}, {n: dp[n] for n in shapes}
 
     samples = [{k: v[i:i + 1] for k, v in b.items()} for b in batches for i in range(len(b["x"]))]
-    check_stats(stats, reference_stats(sample_grad, samples, [None] * 5, shapes), rtol=3e-2)
+    taken = [bool(s["x"][..., 0].sum() > 0) for s in samples]
+    assert any(taken) and not all(taken)          # both cond branches occur among samples
+    check_stats(stats, reference_stats(sample_grad, samples, [None] * 6, shapes), rtol=3e-2)
     assert stats["w1"].shape == (32, 16)
 
 
@@ -443,18 +455,24 @@ def test_capture_tokens_factor_and_select_blocks(linen_lm):
                              factor_kind="dense", num_samples=3)
     b = batches[0]
     flat = tree_lib.flatten(params)
-    for n in names:
+
+    @jax.jit
+    def inputs(params, b):
         acts = {}
 
         def interceptor(next_fun, args, kwargs, context):
-            if ".".join(context.module.scope.path) + ".kernel" == n and \
-                    context.method_name == "__call__":
-                acts["x"] = args[0]
+            name = ".".join(context.module.scope.path) + ".kernel"
+            if name in names and context.method_name == "__call__":
+                acts[name] = args[0]
             return next_fun(*args, **kwargs)
 
         with nn.intercept_methods(interceptor):
             model.apply({"params": params}, b["input_ids"], b["attention_mask"])
-        x = np.asarray(acts["x"], np.float64).reshape(-1, linen_matrix(n, flat[n]).shape[1])
+        return acts
+
+    acts = inputs(params, b)
+    for n in names:
+        x = np.asarray(acts[n], np.float64).reshape(-1, linen_matrix(n, flat[n]).shape[1])
         x = x * b["attention_mask"].reshape(-1, 1)
         close(stats[n].A_dense, x.T @ x, 1e-4, n)
     masks = select_blocks(stats, sparsity=0.5, block_size=BS)
@@ -495,9 +513,10 @@ def weight_grad_products(jaxpr, shapes):
 def check_sparse_grads(fn, params, batch, adapter, rtol=1e-4):
     g = anymodel.sparsify(fn, adapter)
     tiles = adapter.tiles(params)
-    close(jax.jit(g)(tiles, params, batch), jax.jit(fn)(params, batch), rtol, "value")
-    gt = jax.jit(jax.grad(g))(tiles, params, batch)
-    dense = adapter.tiles(jax.jit(jax.grad(fn))(params, batch))
+    value, gt = jax.jit(jax.value_and_grad(g))(tiles, params, batch)
+    ref_value, dense = jax.jit(jax.value_and_grad(fn))(params, batch)
+    close(value, ref_value, rtol, "value")
+    dense = adapter.tiles(dense)
     assert set(gt) == set(adapter.paths)
     for p in adapter.paths:
         close(gt[p], dense[p], rtol, f"tile grad {p}")
@@ -522,9 +541,9 @@ def test_sparsify_linen_transformer_tile_grads(linen_lm):
 def test_sparsify_linen_mlp_under_vmap_of_the_batch():
     model = LinenMLP()
     rng = np.random.default_rng(8)
-    batch = {"x": rng.normal(size=(5, 24)).astype(np.float32),
+    batch = {"x": rng.normal(size=(5, 32)).astype(np.float32),
              "y": rng.normal(size=(5, 16)).astype(np.float32)}
-    params = model.init(jax.random.key(2), batch["x"])["params"]
+    params = jax.jit(model.init)(jax.random.key(2), batch["x"])["params"]
     fn = functools.partial(mlp_loss, model)
     adapter = make_adapter(params, random_masks(params, ["fc1.kernel", "fc2.kernel"],
                                                 "in_out", seed=1), block_size=BS,
@@ -532,10 +551,10 @@ def test_sparsify_linen_mlp_under_vmap_of_the_batch():
     g, tiles = check_sparse_grads(fn, params, batch, adapter)
     # per-example values and tile gradients with vmap over the batch axis
     one = jax.tree.map(lambda a: a[:, None], batch)
-    vals = jax.vmap(g, in_axes=(None, None, 0))(tiles, params, one)
-    close(vals, jax.vmap(fn, in_axes=(None, 0))(params, one), 1e-4, "vmap values")
-    per = jax.jit(jax.vmap(jax.grad(g), in_axes=(None, None, 0)))(tiles, params, one)
-    dense = jax.vmap(jax.grad(fn), in_axes=(None, 0))(params, one)
+    vals, per = jax.jit(jax.vmap(jax.value_and_grad(g), in_axes=(None, None, 0)))(
+        tiles, params, one)
+    ref_vals, dense = jax.jit(jax.vmap(jax.value_and_grad(fn), in_axes=(None, 0)))(params, one)
+    close(vals, ref_vals, 1e-4, "vmap values")
     for p in adapter.paths:
         ref = jax.vmap(lambda d, p=p: adapter.tiles(d)[p])(dense)
         close(per[p], ref, 1e-4, f"vmap tile grad {p}")
@@ -578,16 +597,15 @@ def test_sparsify_cond_branch_and_static_args():
     g = anymodel.sparsify(fn, adapter)
     tiles = adapter.tiles(params)
     for flip in (False, True):
-        gt = jax.grad(g)(tiles, params, x, flip)
-        dense = adapter.tiles(jax.grad(fn)(params, x, flip))
+        gt = jax.jit(jax.grad(g), static_argnums=3)(tiles, params, x, flip)
+        dense = adapter.tiles(jax.jit(jax.grad(fn), static_argnums=2)(params, x, flip))
         for p in adapter.paths:
             close(gt[p], dense[p], 1e-4, p)
 
 
 def test_llama_through_the_interpreter_equals_the_explicit_hook_route():
     """Our LLaMA traced with linear_fn=None: sparsify's tile gradients equal those of the
-    explicit ``adapter.linear_fn`` route, and capture equals ``capture.sample_statistics``."""
-    from sylva_jax import capture as capture_lib
+    explicit ``adapter.linear_fn`` route (both routes exist; they must agree)."""
     from sylva_jax.models import llama
 
     cfg = llama.LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64,
@@ -614,12 +632,6 @@ def test_llama_through_the_interpreter_equals_the_explicit_hook_route():
     for p in names:
         close(gt[p], ref[p], 1e-4, p)
 
-    stats = anymodel.capture(fn, params, [batch], scope=names, factor_kind="dense")
-    a, g, gw = capture_lib.sample_statistics((graphdef, params), batch, scope=names)
-    for p in names:
-        close(stats[p].A_dense, np.asarray(a[p]).T @ np.asarray(a[p]), 1e-4, p)
-        close(stats[p].G_dense, np.asarray(g[p]).T @ np.asarray(g[p]), 1e-4, p)
-        close(stats[p].grad_mean, np.asarray(gw[p]) / 3, 1e-4, p)
 
 
 # --------------------------------------------------------------------------------------
@@ -649,7 +661,7 @@ def test_unfollowable_parameters_are_reported():
     # capture: the tied embedding in scope is an error naming it
     with pytest.raises(anymodel.UnfollowedParameterError, match=r"embed: .*gather") as e:
         anymodel.capture(lambda p, b: tied_lm(p, b["ids"]), params,
-                         [{"ids": np.asarray(ids)}], scope=["embed", "w"])
+                         [{"ids": np.asarray(ids)}], scope=["embed", "w"], num_samples=2)
     assert set(e.value.unfollowed) == {"embed"}
     # sparsify: an adapted tied embedding would get wrong tile gradients -> error
     adapter = make_adapter(params, {"embed": np.eye(V // BS, E // BS, dtype=bool)},
@@ -674,7 +686,34 @@ def test_scanned_and_scaled_weights_are_reported():
     assert "mul" in unfollowed["scaled"][0]
     with pytest.raises(anymodel.UnfollowedParameterError, match=r"stack: .*scan"):
         anymodel.capture(lambda p, b: fn(p, b["x"]), params,
-                         [{"x": np.ones((2, 16), np.float32)}], scope=["stack"])
+                         [{"x": np.ones((2, 16), np.float32)}], scope=["stack"], num_samples=2)
     adapter = make_adapter(params, {"scaled": np.ones((2, 2), bool)}, block_size=BS)
     with pytest.raises(anymodel.UnfollowedParameterError, match="scaled"):
         anymodel.sparsify(fn, adapter)(adapter.tiles(params), params, x)
+
+
+@pytest.mark.parametrize("remat3", [False, True])
+def test_remat_forms_are_followed(remat3):
+    """jax.checkpoint staged as `remat2` and, with the jax_remat3 option (the newer
+    implementation), as a `call_hi_primitive` holding the body: both are followed, and
+    sparsify keeps the checkpoint."""
+    rng = np.random.default_rng(13)
+    params = {"w": jnp.asarray(rng.normal(size=(16, 8)), jnp.float32)}
+    x = jnp.asarray(rng.normal(size=(3, 8)), jnp.float32)
+
+    def fn(params, x):
+        return jax.checkpoint(lambda x, w: jnp.tanh(x @ w.T))(x, params["w"]).sum()
+
+    old = jax.config.jax_remat3
+    jax.config.update("jax_remat3", remat3)
+    try:
+        products, unfollowed = anymodel.find_products(fn, params, x)
+        assert unfollowed == {} and products["w"][0].shape == (16, 8)
+        where = products["w"][0].where
+        assert where == "remat3" if remat3 else where in ("remat2", "checkpoint", "remat")
+        adapter = make_adapter(params, {"w": np.array([[False], [True]])}, block_size=BS)
+        tiles = adapter.tiles(params)
+        gt = jax.grad(anymodel.sparsify(fn, adapter))(tiles, params, x)
+        close(gt["w"], adapter.tiles(jax.grad(fn)(params, x))["w"], 1e-5, "w")
+    finally:
+        jax.config.update("jax_remat3", old)
