@@ -12,7 +12,11 @@ ALGORITHM.md section 4. Both arms train the same tiles with Adam from the same w
                 by the element mask of the tiles (dense dW and dense Adam state for the
                 adapted weights).
 
-The two arms are compiled and warmed up, checked to give the same loss and the same
+A second pair runs our own LLaMA (same sizes) with the same sparse step, once through
+``sparsify`` on the unchanged model (``linear_fn=None``) and once through the explicit
+``adapter.linear_fn`` hook: the interpreter should cost nothing once compiled.
+
+Each pair is compiled and warmed up, checked to give the same loss and the same
 updated weights after one step, then timed interleaved (round-robin, so machine-load drift
 hits both alike); medians, the ratio and the machine load are written to
 experiments/results/any_model.json.
@@ -75,6 +79,95 @@ class LM(nn.Module):
         for i in range(self.layers):
             x = Block(self.heads, self.dim // self.heads, self.mlp, name=f"layers_{i}")(x, mask)
         return nn.Dense(self.vocab, name="lm_head")(nn.LayerNorm(name="norm")(x))
+
+
+
+def time_arms(arms, params, batch, adapter, rounds):
+    """Compile + one step per arm (checked equal), 2 warm-up steps, ``rounds`` interleaved
+    timed steps. ``arms``: {name: (jitted step(params, opt_state, batch), init(params))}."""
+    state, compile_s, after_one = {}, {}, {}
+    for name, (step, init) in arms.items():
+        p = jax.tree.map(jnp.array, params)            # own copy (donated)
+        t0 = time.perf_counter()
+        p, o, value = step(p, init(p), batch)
+        jax.block_until_ready(p)
+        compile_s[name] = time.perf_counter() - t0
+        after_one[name] = (float(value), adapter.tiles(p))
+        state[name] = (p, o)
+    a, b = list(arms)
+    # same loss, same tiles after one step (Adam's first step is sign-like: ~lr per entry)
+    loss_diff = abs(after_one[a][0] - after_one[b][0])
+    tile_diff = max(float(jnp.abs(after_one[a][1][n] - after_one[b][1][n]).max())
+                    for n in adapter.paths)
+    for _ in range(2):                                 # warm-up
+        for name, (step, _) in arms.items():
+            p, o = state[name]
+            p, o, v = step(p, o, batch)
+            jax.block_until_ready(v)
+            state[name] = (p, o)
+    times = {n: [] for n in arms}
+    for _ in range(rounds):
+        for name, (step, _) in arms.items():
+            p, o = state[name]
+            t0 = time.perf_counter()
+            p, o, v = step(p, o, batch)
+            jax.block_until_ready((p, v))
+            times[name].append(time.perf_counter() - t0)
+            state[name] = (p, o)
+    return {"median_s": {n: statistics.median(t) for n, t in times.items()},
+            "min_s": {n: min(t) for n, t in times.items()},
+            "compile_s_first_step": compile_s,
+            "check_after_one_step": {"loss_abs_diff": loss_diff, "tiles_max_abs_diff": tile_diff}}
+
+
+def bench_llama(cfg, B, T, bs, sparsity, rounds, batch, lr):
+    """Our LLaMA at the same sizes: sparsify(unchanged model) vs the explicit hook."""
+    from flax import nnx
+
+    from sylva_jax.models import llama
+
+    lcfg = llama.LlamaConfig(vocab_size=cfg["vocab"], hidden_size=cfg["dim"],
+                             intermediate_size=cfg["mlp"], num_hidden_layers=cfg["layers"],
+                             num_attention_heads=cfg["heads"],
+                             num_key_value_heads=cfg["heads"])
+    graphdef, params = llama.split(llama.LlamaForCausalLM(lcfg, rngs=nnx.Rngs(0)))
+    rng = np.random.default_rng(1)
+    flat = tree_lib.flatten(params)
+    masks = {}
+    for n, w in flat.items():
+        if ".layers." in n and n.endswith("proj.weight"):
+            nt = (w.shape[0] // bs) * (w.shape[1] // bs)
+            m = np.zeros(nt, bool)
+            m[rng.choice(nt, max(1, round((1 - sparsity) * nt)), replace=False)] = True
+            masks[n] = m.reshape(w.shape[0] // bs, w.shape[1] // bs)
+    adapter = make_adapter(params, masks, block_size=bs)
+    tx = optax.adam(lr)
+
+    def loss(params, batch):
+        logits = llama.apply(graphdef, params, batch["input_ids"], batch["attention_mask"])
+        return lm_loss(logits, batch["labels"])
+
+    def explicit(tiles, params, batch):
+        logits = llama.apply(graphdef, params, batch["input_ids"], batch["attention_mask"],
+                             linear_fn=adapter.linear_fn(tiles))
+        return lm_loss(logits, batch["labels"])
+
+    def make_step(g):
+        def step(params, opt_state, batch):
+            tiles = adapter.tiles(params)
+            value, grads = jax.value_and_grad(g)(tiles, params, batch)
+            updates, opt_state = tx.update(grads, opt_state, tiles)
+            return adapter.apply_updates(params, updates), opt_state, value
+        return jax.jit(step, donate_argnums=(0, 1))
+
+    init = lambda p: tx.init(adapter.tiles(p))  # noqa: E731
+    arms = {"llama_sparsify": (make_step(anymodel.sparsify(loss, adapter)), init),
+            "llama_explicit_hook": (make_step(explicit), init)}
+    res = time_arms(arms, params, batch, adapter, rounds)
+    med = res["median_s"]
+    res["ratio_sparsify_over_explicit"] = med["llama_sparsify"] / med["llama_explicit_hook"]
+    res["adapted_weights"] = len(adapter.paths)
+    return res
 
 
 def main():
@@ -148,37 +241,11 @@ def main():
                      lambda p: tx.init(adapter.tiles(p))),
         "dense_masked": (jax.jit(dense_step, donate_argnums=(0, 1)), txd.init),
     }
-    state, compile_s, after_one = {}, {}, {}
-    for name, (step, init) in arms.items():
-        p = jax.tree.map(jnp.array, params)            # own copy (donated)
-        t0 = time.perf_counter()
-        p, o, value = step(p, init(p), batch)
-        jax.block_until_ready(p)
-        compile_s[name] = time.perf_counter() - t0
-        after_one[name] = (float(value), adapter.tiles(p))
-        state[name] = (p, o)
-    # same loss, same tiles after one step (Adam's first step is sign-like: ~lr per entry)
-    loss_diff = abs(after_one["sparsify"][0] - after_one["dense_masked"][0])
-    tile_diff = max(float(jnp.abs(after_one["sparsify"][1][n] - after_one["dense_masked"][1][n])
-                          .max()) for n in adapter.paths)
-    for _ in range(2):                                 # warm-up
-        for name, (step, _) in arms.items():
-            p, o = state[name]
-            p, o, v = step(p, o, batch)
-            jax.block_until_ready(v)
-            state[name] = (p, o)
-    times = {n: [] for n in arms}
     load = [os.getloadavg()[0]]
-    for _ in range(rounds):
-        for name, (step, _) in arms.items():
-            p, o = state[name]
-            t0 = time.perf_counter()
-            p, o, v = step(p, o, batch)
-            jax.block_until_ready((p, v))
-            times[name].append(time.perf_counter() - t0)
-            state[name] = (p, o)
+    linen = time_arms(arms, params, batch, adapter, rounds)
+    llama_res = bench_llama(cfg, B, T, bs, args.sparsity, rounds, batch, lr)
     load.append(os.getloadavg()[0])
-    med = {n: statistics.median(t) for n, t in times.items()}
+    med = linen["median_s"]
     result = {
         "what": "Linen transformer train step: anymodel.sparsify (tile grads) vs dense grads "
                 "over the masked pytree (optax.masked + set_to_zero, element-masked updates)",
@@ -186,11 +253,9 @@ def main():
         "adapted_weights": len(adapter.paths), "trainable": adapter.num_trainable,
         "params": int(sum(np.size(x) for x in flat.values())),
         "rounds": rounds,
-        "median_s": med,
-        "min_s": {n: min(t) for n, t in times.items()},
+        **linen,
         "ratio_dense_over_sparsify": med["dense_masked"] / med["sparsify"],
-        "compile_s_first_step": compile_s,
-        "check_after_one_step": {"loss_abs_diff": loss_diff, "tiles_max_abs_diff": tile_diff},
+        "llama_same_sizes": llama_res,
         "load_avg_1min_before_after": load,
         "cpu_count": os.cpu_count(),
         "device": str(jax.devices()[0]), "jax": jax.__version__,
@@ -199,8 +264,10 @@ def main():
                 "interleaved so drift hits both",
     }
     print(json.dumps(result, indent=1))
-    if tile_diff > 1e-4 or loss_diff > 1e-4:
-        raise SystemExit(f"arms disagree after one step (loss {loss_diff}, tiles {tile_diff})")
+    for res in (linen, llama_res):
+        chk = res["check_after_one_step"]
+        if chk["tiles_max_abs_diff"] > 1e-4 or chk["loss_abs_diff"] > 1e-4:
+            raise SystemExit(f"arms disagree after one step: {chk}")
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
