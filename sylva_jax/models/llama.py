@@ -16,7 +16,8 @@ and the LM head -- calls ``linear_fn(name, x, w, b)`` with ``name`` its weight p
 ``x: [..., in]`` in the compute dtype, ``w: [out, in]`` as stored (parameter dtype) and
 ``b: [out]`` or ``None``; the result ``[..., out]`` is cast to the compute dtype (float32
 for the head). For a tied head the name is ``"lm_head.weight"`` and ``w`` is the
-embedding matrix ``[vocab, hidden]``.
+embedding matrix ``[vocab, hidden]``. This is ALGORITHM.md's notation (``y = x W^T + b``,
+``W [out, in]``); the embedded sparse linear of its section 4 plugs in through this hook.
 
 Position ids: by default ``position = clip(cumsum(attention_mask) - 1, 0)`` per row, so a
 left-padded row starts at position 0 on its first real token (right padding leaves the
