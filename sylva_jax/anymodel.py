@@ -672,7 +672,7 @@ def _batch_statistics(traced, products, mode, factor, scoped, dyn, batch_pos, ma
         interp = _Interpreter(ws, mode="capture",
                               tap=_make_tap(factor, ps, m, nb, acts, counts))
         args = list(dyn)
-        for i, p in enumerate(ws):
+        for p in ws:
             args[traced.names[p]] = ws[p]
         for i, leaf in zip(batch_pos, batch_leaves):
             args[i] = leaf
