@@ -58,14 +58,15 @@ class Adapter:
     """
 
     def __init__(self, coords: Mapping[str, tuple[np.ndarray, np.ndarray]],
-                 shapes: Mapping[str, tuple[int, int]], *, block_size: int,
-                 layout: str = "out_in"):
+                 shapes: Mapping[str, tuple[int, ...]], *, block_size: int,
+                 layout: str = "out_in", views: Mapping[str, tuple[int, int]] | None = None):
         if layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}; got {layout!r}")
         self._block_size = int(block_size)
         self._layout = layout
         c: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-        s: dict[str, tuple[int, int]] = {}
+        s: dict[str, tuple[int, ...]] = {}
+        v: dict[str, tuple[int, int]] = {}
         for path, (rows, cols) in coords.items():
             rows = _readonly(np.asarray(rows, np.int32).reshape(-1))
             cols = _readonly(np.asarray(cols, np.int32).reshape(-1))
@@ -76,11 +77,18 @@ class Adapter:
                 continue
             c[path] = (rows, cols)
             s[path] = tuple(int(d) for d in shapes[path])
+            # the stored weight as a matrix: itself when 2-D; an N-D kernel (DenseGeneral
+            # [in, heads, head_dim]) is read as the free reshape views[path]
+            v[path] = tuple(int(d) for d in (views or {}).get(path, s[path]))
+            if len(v[path]) != 2 or int(np.prod(v[path])) != int(np.prod(s[path])):
+                raise ValueError(f"{path!r}: matrix view {v[path]} does not fit the stored "
+                                 f"shape {s[path]}")
         self._coords = MappingProxyType(c)
         self._shapes = MappingProxyType(s)
+        self._views = MappingProxyType(v)
         h = hashlib.sha1(f"{self._block_size}|{layout}".encode())
         for path in c:
-            h.update(path.encode() + b"\0" + repr(s[path]).encode())
+            h.update(path.encode() + b"\0" + repr((s[path], v[path])).encode())
             h.update(c[path][0].tobytes())
             h.update(c[path][1].tobytes())
         self._digest = h.hexdigest()
@@ -136,7 +144,7 @@ class Adapter:
 
     def out_in_shape(self, path: str) -> tuple[int, int]:
         """``(out, in)`` of the weight at ``path`` whatever the storage layout."""
-        s = self._shapes[path]
+        s = self._views[path]
         return s if self._layout == "out_in" else (s[1], s[0])
 
     # -- gather / scatter ---------------------------------------------------------------
@@ -150,7 +158,8 @@ class Adapter:
                 f"{self._shapes[path]}; build the adapter from these parameters")
         bs = self._block_size
         rows, cols = self._coords[path]
-        w4 = w.reshape(w.shape[0] // bs, bs, w.shape[1] // bs, bs)
+        v0, v1 = self._views[path]
+        w4 = w.reshape(v0 // bs, bs, v1 // bs, bs)
         if self._layout == "out_in":
             return w4, rows, cols
         return w4, cols, rows
@@ -272,6 +281,7 @@ class Adapter:
             out[f"rows/{path}"] = np.array(rows)
             out[f"cols/{path}"] = np.array(cols)
             out[f"shape/{path}"] = np.asarray(self._shapes[path], np.int64)
+            out[f"view/{path}"] = np.asarray(self._views[path], np.int64)
         return out
 
     @classmethod
@@ -283,7 +293,7 @@ class Adapter:
                                "Adapter.state_dict()")
         layout = state["layout"]
         layout = str(layout.item() if hasattr(layout, "item") else layout)
-        coords, shapes = {}, {}
+        coords, shapes, views = {}, {}, {}
         for key in state:
             if key.startswith("rows/"):
                 path = key[len("rows/"):]
@@ -292,8 +302,10 @@ class Adapter:
                         raise KeyError(f"adapter state has rows/{path} but no {part}/{path}")
                 coords[path] = (np.asarray(state[key]), np.asarray(state[f"cols/{path}"]))
                 shapes[path] = tuple(int(d) for d in np.asarray(state[f"shape/{path}"]))
+                if f"view/{path}" in state:
+                    views[path] = tuple(int(d) for d in np.asarray(state[f"view/{path}"]))
         return cls(coords, shapes, block_size=int(np.asarray(state["block_size"])),
-                   layout=layout)
+                   layout=layout, views=views)
 
 
 def make_adapter(params, masks: Mapping[str, Any], *, block_size: int = 64,
@@ -319,7 +331,7 @@ def make_adapter(params, masks: Mapping[str, Any], *, block_size: int = 64,
     if not isinstance(masks, Mapping):
         raise TypeError(f"masks must be a mapping {{path: bool array}}; got {type(masks).__name__}")
     flat = tree_lib.flatten(params)
-    coords, shapes = {}, {}
+    coords, shapes, views = {}, {}, {}
     for path, mask in masks.items():
         if path not in flat:
             close = difflib.get_close_matches(path, list(flat), n=3)
@@ -328,15 +340,19 @@ def make_adapter(params, masks: Mapping[str, Any], *, block_size: int = 64,
                 + (f"; did you mean {close}?" if close else "")
                 + " (keys are '.'-joined paths as produced by sylva_jax.tree.flatten)")
         shape = tuple(np.shape(flat[path]))
-        if len(shape) != 2:
+        m = np.asarray(mask)
+        if len(shape) < 2:
             raise ValueError(f"mask key {path!r} names a parameter of shape {shape}; only 2-D "
-                             "weights can be adapted")
-        out_dim, in_dim = shape if layout == "out_in" else (shape[1], shape[0])
+                             "weights (or N-D kernels read as matrices) can be adapted")
+        if len(shape) == 2:
+            view = shape
+        else:
+            view = _nd_view(path, shape, m.shape, bs, layout)
+        out_dim, in_dim = view if layout == "out_in" else (view[1], view[0])
         if out_dim % bs or in_dim % bs:
             raise ValueError(
                 f"block_size {bs} does not divide weight {path!r} of shape {shape} "
                 f"([out, in] = ({out_dim}, {in_dim})); choose a block size dividing both")
-        m = np.asarray(mask)
         expected = (out_dim // bs, in_dim // bs)
         if m.shape != expected:
             raise ValueError(
@@ -349,6 +365,24 @@ def make_adapter(params, masks: Mapping[str, Any], *, block_size: int = 64,
         if rows.size:
             coords[path] = (rows.astype(np.int32), cols.astype(np.int32))
             shapes[path] = shape
+            views[path] = view
     order = {p: i for i, p in enumerate(flat)}
     coords = dict(sorted(coords.items(), key=lambda kv: order[kv[0]]))
-    return Adapter(coords, shapes, block_size=bs, layout=layout)
+    return Adapter(coords, shapes, block_size=bs, layout=layout, views=views)
+
+
+def _nd_view(path, shape, mask_shape, bs, layout):
+    """The stored matrix view of an N-D kernel, read from its mask ``[out/bs, in/bs]``:
+    ``(in, out)`` for ``in_out`` (contracted axes lead, e.g. DenseGeneral ``[in, heads,
+    head_dim]`` or ``[heads, head_dim, out]``), ``(out, in)`` for ``out_in``."""
+    if len(mask_shape) != 2:
+        raise ValueError(f"mask for {path!r} must be 2-D [out // bs, in // bs]; got {mask_shape}")
+    out_dim, in_dim = mask_shape[0] * bs, mask_shape[1] * bs
+    first, second = (in_dim, out_dim) if layout == "in_out" else (out_dim, in_dim)
+    splits = [int(np.prod(shape[:k])) for k in range(1, len(shape))]
+    if first not in splits or first * second != int(np.prod(shape)):
+        raise ValueError(
+            f"mask for {path!r} has shape {tuple(mask_shape)} ([out, in] = ({out_dim}, "
+            f"{in_dim}) with block_size {bs}), which is no split of the {len(shape)}-D weight "
+            f"{shape} into {'leading in / trailing out' if layout == 'in_out' else 'leading out / trailing in'} axes")
+    return (first, second)
