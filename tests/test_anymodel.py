@@ -522,7 +522,9 @@ def check_sparse_grads(fn, params, batch, adapter, rtol=1e-4):
         close(gt[p], dense[p], rtol, f"tile grad {p}")
     # no [out, in] (or stored [in, out]) weight-gradient product for adapted weights,
     # while the dense gradient program has them (so the check can fail)
-    shapes = {s for p in adapter.paths for s in (adapter.shapes[p], adapter.shapes[p][::-1])}
+    shapes = {s for p in adapter.paths
+              for s in (adapter.shapes[p], adapter.shapes[p][::-1],
+                        tuple(adapter.out_in_shape(p)), tuple(adapter.out_in_shape(p))[::-1])}
     assert weight_grad_products(jax.make_jaxpr(jax.grad(g))(tiles, params, batch).jaxpr,
                                 shapes) == []
     assert weight_grad_products(jax.make_jaxpr(jax.grad(fn))(params, batch).jaxpr, shapes)
@@ -535,6 +537,25 @@ def test_sparsify_linen_transformer_tile_grads(linen_lm):
     names = ["block.fc1.kernel", "block.fc2.kernel", "head.kernel"]
     adapter = make_adapter(params, random_masks(params, names, "in_out"), block_size=BS,
                            layout="in_out")
+    check_sparse_grads(fn, params, lm_batches(7, 3, 3)[0], adapter)
+
+
+def test_sparsify_linen_dense_general_multihead_kernels(linen_lm):
+    """N-D kernels ([E, H, D] query/value, [H, D, E] out) train through their 2-D view."""
+    model, params = linen_lm
+    fn = lm_fn(model)
+    names = ["block.query.kernel", "block.value.kernel", "block.out.kernel"]
+    flat = tree_lib.flatten(params)
+    rng = np.random.default_rng(3)
+    masks = {}
+    for n in names:
+        s = flat[n].shape
+        # [out, in] view: query/value [H*D, E] (contracted E leads); out [E, H*D]
+        o, i = (s[1] * s[2], s[0]) if n != "block.out.kernel" else (s[2], s[0] * s[1])
+        m = rng.random((o // BS, i // BS)) < 0.4
+        m.flat[0] = True
+        masks[n] = m
+    adapter = make_adapter(params, masks, block_size=BS, layout="in_out")
     check_sparse_grads(fn, params, lm_batches(7, 3, 3)[0], adapter)
 
 
