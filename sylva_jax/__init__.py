@@ -30,6 +30,11 @@ _EXPORTS = {
     "make_train_step": "sylva_jax.train",
     "save_adapter": "sylva_jax.checkpoint",
     "load_adapter": "sylva_jax.checkpoint",
+    # any JAX model
+    "capture_stats": "sylva_jax.anymodel",
+    "sparsify": "sylva_jax.anymodel",
+    "find_products": "sylva_jax.anymodel",
+    "UnfollowedParameterError": "sylva_jax.anymodel",
     # data
     "load_instruct": "sylva_jax.data.instruct",
     "load_default_train_data": "sylva_jax.data.instruct",
