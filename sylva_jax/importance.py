@@ -134,26 +134,29 @@ def tile_scores(stats: capture.Stats, *, block_size: int = 64, method: str = "sy
                          "(or compute_masks) rather than weights-only Stats")
     relative = getattr(stats, "relative_damping", False) if relative_damping is None else relative_damping
     inv = stats.inv_diags(damping, relative) if method == "sylva" else None
-    out = {}
+    # first dispatch every layer's device work (asynchronous), then bring results to the host
+    raw = {}
     for n, s in stats.items():
         o, i = s.shape
-        if method in ("sylva", "kfac"):
-            if method == "sylva":
-                ia, ig = inv[n]
-                oi, ii = _sylva_vectors(s.A, s.G, s.grad_mean, ia, ig)
-            else:
-                oi, ii = _kfac_vectors(s, damping, relative)
-            sc = np.outer(_block_sum(oi, bs), _block_sum(ii, bs))
+        if method == "sylva":
+            raw[n] = _sylva_vectors(s.A, s.G, s.grad_mean, *inv[n])
+        elif method == "kfac":
+            raw[n] = _kfac_vectors(s, damping, relative)
         elif method == "fisher":
-            sc = _tile_sum(jnp.square(s.grad_mean), bs=bs)
+            raw[n] = _tile_sum(jnp.square(s.grad_mean), bs=bs)
         elif method == "grad":
-            sc = _tile_sum(jnp.abs(s.grad_mean), bs=bs)
+            raw[n] = _tile_sum(jnp.abs(s.grad_mean), bs=bs)
         elif method == "magnitude":
-            sc = _tile_sum(jnp.abs(s.weight), bs=bs)
+            raw[n] = _tile_sum(jnp.abs(s.weight), bs=bs)
         else:  # random
             rng = np.random.default_rng([int(seed), zlib.crc32(n.encode())])
-            sc = rng.random((o // bs, i // bs))
-        out[n] = np.asarray(sc, np.float64)
+            raw[n] = rng.random((o // bs, i // bs))
+    out = {}
+    for n, r in raw.items():
+        if method in ("sylva", "kfac"):
+            oi, ii = r  # tile score = outer product of block-summed importance vectors
+            r = np.outer(_block_sum(oi, bs), _block_sum(ii, bs))
+        out[n] = np.asarray(r, np.float64)
     return out
 
 
