@@ -44,10 +44,12 @@ _EXPORTS = {
     "batches": "sylva_jax.data.batching",
 }
 
-__all__ = sorted(_EXPORTS) + ["__version__"]
+__all__ = sorted(_EXPORTS) + ["capture", "__version__"]
 
 
 def __getattr__(name: str):
+    if name == "capture":  # a callable module: sylva_jax.capture(fn, params, batches, scope=...)
+        return importlib.import_module("sylva_jax.capture")
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'sylva_jax' has no attribute {name!r}")

@@ -31,6 +31,9 @@ layers. Nothing per-sample is kept across batches.
 """
 from __future__ import annotations
 
+import sys as _sys
+import types as _types
+
 import dataclasses
 import functools
 import importlib
@@ -640,3 +643,17 @@ def _unstack(state, groups, scoped, seen, keep_dense, factor_kind, hier):
     for n, s in layers.items():
         s.grad_mean = state["grad_sum"][n] * inv_n
     return layers
+
+
+# ``sylva_jax.capture(fn, params, batches, *, scope, ...)`` (issue 8's spelling) calls
+# :func:`sylva_jax.anymodel.capture` on any JAX loss function, while ``sylva_jax.capture``
+# stays this module (``from sylva_jax.capture import preprocess`` keeps working).
+class _CallableModule(_types.ModuleType):
+    def __call__(self, fn, params, batches, **kwargs):
+        """Statistics capture for an unchanged JAX model: see :func:`sylva_jax.anymodel.capture`."""
+        from sylva_jax.anymodel import capture
+
+        return capture(fn, params, batches, **kwargs)
+
+
+_sys.modules[__name__].__class__ = _CallableModule

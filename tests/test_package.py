@@ -37,3 +37,20 @@ def test_top_level_files_exist():
     with open(os.path.join(REPO_ROOT, "NOTICE")) as f:
         notice = f.read()
     assert "10.1145/3650200.3656619" in notice and "SmolLM2" in notice and "MMLU" in notice
+
+
+def test_capture_is_both_the_module_and_the_any_model_function(monkeypatch):
+    import sylva_jax
+    import sylva_jax.anymodel as anymodel
+    from sylva_jax.capture import preprocess  # the module keeps its names
+
+    seen = {}
+
+    def fake_capture(fn, params, batches, **kw):
+        seen.update(fn=fn, params=params, batches=batches, **kw)
+        return "stats"
+
+    monkeypatch.setattr(anymodel, "capture", fake_capture)
+    assert sylva_jax.capture("f", "p", "b", scope="up") == "stats"
+    assert seen == {"fn": "f", "params": "p", "batches": "b", "scope": "up"}
+    assert sylva_jax.capture.preprocess is preprocess
