@@ -150,7 +150,7 @@ class Run:
     # ------------------------------------------------------------------ stages
     def execute(self) -> dict[str, Any]:
         cfg = self.cfg
-        t_start = time.perf_counter()
+        t_start = self.t_start = time.perf_counter()
         self._prepare_output_dir()
         args_path = self.out / "args.json"
         if cfg["resume"] and args_path.exists():
@@ -245,7 +245,7 @@ class Run:
         except (FileNotFoundError, ValueError, OSError) as e:
             raise ExperimentError(f"cannot load MMLU from {cfg['mmlu_source']!r}: {e}") from e
         qs = mmlu.subset(data.questions, cfg["mmlu_limit"], seed=cfg["seed"])
-        self.mmlu_questions = qs
+        self.mmlu_questions = mmlu.encode_mmlu(self.tok, qs, max_len=cfg["mmlu_max_len"])  # tokenize once
         self.summary["mmlu"] = {"source": data.source, "fallback": data.fallback, "n": len(qs),
                                 "shots": cfg["mmlu_shots"]}
         log(f"MMLU: {data.source}: evaluating {len(qs)} questions, {cfg['mmlu_shots']}-shot")
@@ -367,8 +367,7 @@ class Run:
             return self.trainer.logits(state, jax.numpy.asarray(ids), jax.numpy.asarray(mask))
 
         t0 = time.perf_counter()
-        res = evaluate_mmlu(logits_fn, self.tok, self.mmlu_questions, batch_size=cfg["eval_batch_size"],
-                            max_len=cfg["mmlu_max_len"])
+        res = evaluate_mmlu(logits_fn, self.tok, self.mmlu_questions, batch_size=cfg["eval_batch_size"])
         res["seconds"] = time.perf_counter() - t0
         self.times["evaluate"] = self.times.get("evaluate", 0.0) + res["seconds"]
         return res
@@ -431,6 +430,7 @@ class Run:
             from tqdm.auto import tqdm
 
             step = int(self.state.step)
+            step0_session = step
             bar = tqdm(total=self.total_steps, initial=step, desc="train", dynamic_ncols=True,
                        disable=None, file=sys.stdout)
             while step < self.total_steps:
@@ -462,8 +462,12 @@ class Run:
                     agg = {"step": step, "loss": float(np.mean([r["loss"] for r in window])),
                            "lr": rec["lr"], "grad_norm": rec["grad_norm"],
                            "tokens_per_s": sum(r["tokens"] for r in window) / max(sum(r["step_time_s"] for r in window), 1e-9),
-                           "time_s": time.perf_counter()}
+                           "elapsed_s": time.perf_counter() - self.t_start}
                     _append_jsonl(metrics_path, agg)
+                    if bar.disable:  # no terminal: a plain log line instead of the bar
+                        eta = (self.total_steps - step) * (train_time / max(step - step0_session - 1, 1))
+                        log(f"step {step}/{self.total_steps} loss {agg['loss']:.4f} lr {agg['lr']:.2e} "
+                            f"{agg['tokens_per_s']:.0f} tok/s, ETA {eta / 60:.1f} min (training only)")
                     window = []
                 did_eval = False
                 if step % eval_interval == 0 or step == self.total_steps:
