@@ -258,7 +258,8 @@ def sharded_step(trainer, mesh: Mesh, state: Any, *, block_size: int = 64,
                  donate: bool = True) -> tuple[Callable, Any]:
     """``(step, state)``: ``trainer``'s single jitted step (``Trainer.step_fn``, scan mode:
     accumulation included) compiled for ``mesh`` with explicit in/out shardings, and
-    ``state`` placed accordingly.
+    ``state`` placed accordingly (an abstract state of ``jax.ShapeDtypeStruct`` comes back
+    with the shardings attached, for ``step.jitted.lower(state, batch)`` without memory).
 
     The step keeps the state's sharding from one call to the next (so the donated buffers
     are reused on every shard and nothing recompiles); metrics come back replicated.
@@ -283,6 +284,11 @@ def sharded_step(trainer, mesh: Mesh, state: Any, *, block_size: int = 64,
         return jitted(state, batch)
 
     run.jitted = jitted  # for .lower(...).compile().memory_analysis()
+    run.batch_sharding = b_sh
+    if all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(state)):
+        # abstract state (jax.eval_shape): attach the shardings, for lowering only
+        return run, jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                 state, st_sh)
     return run, _put(state, st_sh)
 
 
