@@ -56,8 +56,8 @@ SMOLLM2 = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hi
                max_position_embeddings=2048, rope_theta=100000.0, rms_norm_eps=1e-5)
 
 
-def random_model(layers: int):
-    cfg = llama.LlamaConfig(**{**SMOLLM2, "num_hidden_layers": layers})
+def random_model(layers: int, remat: bool = False):
+    cfg = llama.LlamaConfig(**{**SMOLLM2, "num_hidden_layers": layers, "remat": remat})
     graphdef, abstract = llama.split(nnx.eval_shape(lambda: llama.LlamaForCausalLM(cfg, rngs=nnx.Rngs(0))))
     rng = np.random.default_rng(0)
     params = jax.tree.map(lambda s: jnp.asarray(
@@ -175,10 +175,38 @@ def ratios(case):
     return out
 
 
+def parse_cases(text):
+    out = []
+    for item in text.split(","):
+        scope, _, size = item.strip().partition(":")
+        b, _, t = size.partition("x")
+        out.append((scope, int(b), int(t)))
+    return out
+
+
+def case_key(case):
+    return (case["scope"], case["batch"], case["tokens"], case.get("remat", False))
+
+
+def summary_line(results):
+    head = next((c for c in results if case_key(c) == ("model.layers", 1, 512, False)), results[0])
+    a = head["arms"]
+    return {"scope": head["scope"], "tokens": f"{head['batch']}x{head['tokens']}", **head["ratios"],
+            **{f"{k}_s": v["median_s"] for k, v in a.items()},
+            **{f"{k}_memory_mb": v.get("memory_bytes", 0) / 2**20 for k, v in a.items()},
+            "loadavg_during": head.get("loadavg")}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="scope model.layers, 1x512 only (a few minutes)")
+    ap.add_argument("--cases", default=None,
+                    help="comma list scope:BxT (default: model.layers and self_attn at 1x512 and 4x512)")
     ap.add_argument("--rounds", type=int, default=None, help="timed interleaved rounds per case")
+    ap.add_argument("--remat", action="store_true", help="also model.layers 1x512 with remat=True "
+                    "(activations recomputed per decoder block)")
+    ap.add_argument("--accum", action="store_true", help="also sylva accumulation of 4x(1x512): scan vs loop")
+    ap.add_argument("--append", action="store_true", help="merge into an existing --out file")
     ap.add_argument("--layers", type=int, default=SMOLLM2["num_hidden_layers"], help="decoder layers (30 = SmolLM2)")
     ap.add_argument("--pretrained", action="store_true", help="load the real SmolLM2-135M weights")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "step.json"))
@@ -187,44 +215,60 @@ def main():
     graphdef, params = pretrained_model() if args.pretrained else random_model(args.layers)
 
     arms = ["floor", "sylva", "lora", "lora_do", "full"]
-    cases = [("model.layers", 1, 512)] if args.quick else [
-        ("model.layers", 1, 512), ("self_attn", 1, 512), ("model.layers", 4, 512), ("self_attn", 4, 512)]
-    load_before = os.getloadavg()
-    results = []
-    for scope, b, t in cases:
-        case = bench_case(graphdef, params, scope, b, t, arms, rounds)
-        case["ratios"] = ratios(case)
-        results.append(case)
-        print(json.dumps({k: case[k] for k in ("scope", "batch", "tokens", "lora_rank")}
-                         | {a: round(v["median_s"], 4) for a, v in case["arms"].items()} | case["ratios"]),
-              flush=True)
-    accum = None
-    if not args.quick:
-        accum = bench_case(graphdef, params, "model.layers", 1, 512, ["sylva", "sylva_loop"], rounds, accum=4,
-                           stats=False)
-        accum["scan_over_loop"] = accum["arms"]["sylva"]["median_s"] / accum["arms"]["sylva_loop"]["median_s"]
-        print(json.dumps({"accum4_scan_s": accum["arms"]["sylva"]["median_s"],
-                          "accum4_loop_s": accum["arms"]["sylva_loop"]["median_s"],
-                          "scan_over_loop": accum["scan_over_loop"]}), flush=True)
-
+    if args.cases:
+        cases = parse_cases(args.cases)
+    elif args.quick:
+        cases = [("model.layers", 1, 512)]
+    else:
+        cases = [("model.layers", 1, 512), ("self_attn", 1, 512), ("model.layers", 4, 512), ("self_attn", 4, 512)]
     out = {
         "benchmark": "train step: sylva vs lora vs full vs floor",
         "model": "SmolLM2-135M " + ("pretrained" if args.pretrained else f"shapes, random weights, {args.layers} layers"),
-        "dtype": "float32", "block_size": BS, "sparsity": SPARSITY, "rounds": rounds,
+        "dtype": "float32", "block_size": BS, "sparsity": SPARSITY,
         "device": str(jax.devices()[0]), "platform": platform.platform(), "jax": jax.__version__,
-        "cpu_count": os.cpu_count(), "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
-        "quick": args.quick, "cases": results, "accumulation": accum,
+        "cpu_count": os.cpu_count(), "cases": [], "accumulation": None,
+        "note": "shared 2-core CPU: other engineers' jobs ran during the measurement (see loadavg per case); "
+                "arms are interleaved round-robin so drift hits all alike",
     }
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(out, f, indent=1)
-    head = results[0]
-    a = head["arms"]
-    summary = {"scope": head["scope"], "tokens": f"{head['batch']}x{head['tokens']}", **head["ratios"],
-               **{f"{k}_s": v["median_s"] for k, v in a.items()},
-               **{f"{k}_memory_mb": v.get("memory_bytes", 0) / 2**20 for k, v in a.items()},
-               "loadavg": os.getloadavg()[0]}
-    print(json.dumps(summary))
+    if args.append and os.path.exists(args.out):
+        with open(args.out) as f:
+            out = json.load(f)
+
+    def save():
+        os.makedirs(os.path.dirname(args.out), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(out, f, indent=1)
+
+    def add(case):
+        out["cases"] = [c for c in out["cases"] if case_key(c) != case_key(case)] + [case]
+        save()
+
+    todo = [(scope, b, t, False) for scope, b, t in cases]
+    if args.remat:
+        todo.append(("model.layers", 1, 512, True))
+    for scope, b, t, remat in todo:
+        if remat:
+            g, _ = random_model(args.layers, remat=True)
+            case = bench_case(g, params, scope, b, t, ["floor", "sylva", "lora", "full"], rounds)
+        else:
+            case = bench_case(graphdef, params, scope, b, t, arms, rounds)
+        case.update(remat=remat, rounds=rounds, loadavg=os.getloadavg())
+        case["ratios"] = ratios(case)
+        add(case)
+        print(json.dumps({k: case[k] for k in ("scope", "batch", "tokens", "remat", "lora_rank")}
+                         | {a: round(v["median_s"], 4) for a, v in case["arms"].items()} | case["ratios"]),
+              flush=True)
+    if args.accum:
+        acc = bench_case(graphdef, params, "model.layers", 1, 512, ["sylva", "sylva_loop"], rounds, accum=4,
+                         stats=False)
+        acc["scan_over_loop"] = acc["arms"]["sylva"]["median_s"] / acc["arms"]["sylva_loop"]["median_s"]
+        acc.update(rounds=rounds, loadavg=os.getloadavg())
+        out["accumulation"] = acc
+        save()
+        print(json.dumps({"accum4_scan_s": acc["arms"]["sylva"]["median_s"],
+                          "accum4_loop_s": acc["arms"]["sylva_loop"]["median_s"],
+                          "scan_over_loop": acc["scan_over_loop"]}), flush=True)
+    print(json.dumps(summary_line(out["cases"])))
 
 
 if __name__ == "__main__":

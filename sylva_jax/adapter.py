@@ -172,6 +172,13 @@ class Adapter:
     def _scatter(self, path: str, w, new_tiles) -> jax.Array:
         w4, i0, i2 = self._blocked(path, w)
         t = new_tiles if self._layout == "out_in" else jnp.swapaxes(new_tiles, 1, 2)
+        if i0.shape[0] == 1:
+            # A one-tile scatter becomes a dynamic-update-slice through the 4-D view, a fusion
+            # XLA cannot run in place (operand and result shapes differ): under jit with the
+            # weights donated it copies the whole weight. Writing the same tile twice keeps it
+            # a scatter, which is updated in place (seen in train's sylva step).
+            i0, i2, t = np.repeat(i0, 2), np.repeat(i2, 2), jnp.concatenate([t, t])
+            return w4.at[i0, :, i2, :].set(t.astype(w4.dtype)).reshape(self._shapes[path])
         w4 = w4.at[i0, :, i2, :].set(t.astype(w4.dtype), unique_indices=True)
         return w4.reshape(self._shapes[path])
 

@@ -154,7 +154,8 @@ def restore_state(manager, target_state: Any, *, step: int | None = None) -> tup
 class RunCheckpoints:
     """Resume and keep-best checkpoints of one training run.
 
-    ``directory/latest``: the last ``keep`` states (for ``--resume``);
+    ``directory/latest``: the last ``keep`` states (for ``--resume``), every
+    ``save_every`` steps when saved with ``force=False``;
     ``directory/best``: the ``keep_best`` states with the best ``best_metric``.
 
     Typical loop::
@@ -168,18 +169,22 @@ class RunCheckpoints:
     """
 
     def __init__(self, directory: str | os.PathLike, *, keep: int = 2, keep_best: int = 1,
-                 best_metric: str = "mmlu", best_mode: str = "max", async_save: bool = True):
+                 best_metric: str = "mmlu", best_mode: str = "max", save_every: int = 1,
+                 async_save: bool = True):
         self.directory = Path(directory)
         self.best_metric = best_metric
         self.latest = checkpoint_manager(self.directory / "latest", max_to_keep=keep,
-                                         async_save=async_save)
+                                         save_every=save_every, async_save=async_save)
         self.best = checkpoint_manager(self.directory / "best", max_to_keep=keep_best,
                                        best_metric=best_metric, best_mode=best_mode,
                                        async_save=async_save)
 
-    def save(self, step: int, state: Any, extra: Mapping[str, Any] | None = None) -> bool:
-        """Save the resume checkpoint of ``step`` (no-op if that step is already saved)."""
-        return save_state(self.latest, step, state, extra=extra)
+    def save(self, step: int, state: Any, extra: Mapping[str, Any] | None = None, *,
+             force: bool = True) -> bool:
+        """Save the resume checkpoint of ``step`` (no-op if that step is already saved).
+        With ``force=False`` only steps that are multiples of ``save_every`` are saved, so
+        the training loop may call this after every step."""
+        return save_state(self.latest, step, state, extra=extra, force=force)
 
     def save_best(self, step: int, state: Any, metrics: Mapping[str, float],
                   extra: Mapping[str, Any] | None = None) -> bool:

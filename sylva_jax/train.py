@@ -286,6 +286,8 @@ def make_train_step(
             grads = jax.tree.map(lambda g: g * one.astype(g.dtype), grads)
         updates, opt_state = opt.update(grads, state.opt_state, trainable)
         if method == "sylva":
+            # scatter into the donated weights, in place (checked by
+            # tests/test_train.py::test_sylva_step_has_no_dense_weight_gradient_or_weight_copy)
             return state.replace(params=adapter.apply_updates(state.params, updates), opt_state=opt_state)
         if method == "lora":
             return state.replace(extras=optax.apply_updates(trainable, updates), opt_state=opt_state)

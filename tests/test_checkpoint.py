@@ -39,7 +39,7 @@ def assert_trees_equal(a, b):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
-@pytest.mark.parametrize("method", ["sylva", "lora_dropout"])
+@pytest.mark.parametrize("method", ["sylva", "lora_dropout", "full"])
 def test_resume_is_bitwise_exact(setup, tmp_path, method):
     """2N steps straight == N steps, save, restore into a fresh state, N steps."""
     _, params, _, trainers = setup
@@ -94,6 +94,20 @@ def test_crash_during_save_keeps_previous_checkpoint(setup, tmp_path, monkeypatc
     assert fresh.save(2, restored, {"ok": "again"})
     fresh.wait()
     assert fresh.latest_step == 2
+
+
+def test_save_every_n_steps(setup, tmp_path):
+    _, params, _, trainers = setup
+    trainer = trainers["sylva"]
+    ckpt = RunCheckpoints(tmp_path / "ck", keep=None, save_every=N)
+    state = trainer.init(copy(params))
+    saved = []
+    for step in range(1, 2 * N + 2):
+        state = run(trainer, state, 1)
+        saved.append(ckpt.save(step, state, force=False))
+    ckpt.wait()
+    assert saved == [step % N == 0 for step in range(1, 2 * N + 2)]
+    assert sorted(ckpt.latest.all_steps()) == [N, 2 * N] and ckpt.latest_step == 2 * N
 
 
 def test_keep_best_by_metric(setup, tmp_path):

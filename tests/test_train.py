@@ -181,6 +181,28 @@ def test_sylva_touches_only_tiles_and_equals_masked_dense_adamw(base, adapter, t
         np.testing.assert_allclose(new[path], want[path], rtol=0, atol=2e-6, err_msg=path)
 
 
+def test_sylva_step_has_no_dense_weight_gradient_or_weight_copy(base, adapter, trainers):
+    """In the compiled sylva step no value has the shape of a 2-D weight except the weights
+    themselves (parameters and free reshapes): no dense dW, no copy of any W (the tile
+    update is a scatter into the donated buffer), and params in == params out (aliased)."""
+    import re
+
+    _, params = base
+    trainer = trainers["sylva"]
+    state = trainer.init(copy(params))
+    compiled = trainer.step_fn.lower(state, make_batch(0, 2)).compile()
+    shapes = {f"f32[{a},{b}]" for a, b in (w.shape for w in jax.tree.leaves(params) if w.ndim == 2)}
+    offenders = []
+    for line in compiled.as_text().splitlines():
+        m = re.match(r"\s*(?:ROOT )?%\S+ = (f32\[\d+,\d+\])\S* ([\w-]+)\(", line)
+        if m and m.group(1) in shapes and m.group(2) not in ("parameter", "bitcast"):
+            offenders.append(line.strip()[:160])
+    assert not offenders, offenders
+    mem = compiled.memory_analysis()
+    if mem is not None:  # every parameter buffer is donated and reused for the output
+        assert mem.alias_size_in_bytes >= sum(x.nbytes for x in jax.tree.leaves(params))
+
+
 def test_sylva_grad_equals_dense_grad_at_tiles(base, adapter, trainers, dense):
     _, params = base
     batch = make_batch(1, 2)
