@@ -44,13 +44,46 @@ def _env(devices: int) -> dict:
     return env
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.fixture(scope="module")
-def mesh_report(tmp_path_factory):
-    out = tmp_path_factory.mktemp("mesh") / "report.json"
-    proc = subprocess.run([sys.executable, str(WORKER), "mesh", str(out)], env=_env(8),
-                          capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(out.read_text())
+def workers(tmp_path_factory):
+    """Starts the 8-device worker and the two jax.distributed processes at once (they
+    overlap their compile and wait times) and returns ``{"mesh": report, "dist": [r0, r1]}``."""
+    tmp = tmp_path_factory.mktemp("sharding")
+    coord = f"127.0.0.1:{_free_port()}"
+    mesh_out = tmp / "mesh.json"
+    dist_out = [tmp / f"p{i}.json" for i in range(2)]
+    cmds = [([sys.executable, str(WORKER), "mesh", str(mesh_out)], _env(8))] + [
+        ([sys.executable, str(WORKER), "dist", str(dist_out[i]), coord, "2", str(i)], _env(2))
+        for i in range(2)]
+    procs = [subprocess.Popen(c, env=e, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for c, e in cmds]
+    logs = []
+    try:
+        for p in procs:
+            logs.append(p.communicate(timeout=900)[0])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    result = {"mesh": None, "dist": None, "logs": logs}
+    if procs[0].returncode == 0:
+        result["mesh"] = json.loads(mesh_out.read_text())
+    if all(p.returncode == 0 for p in procs[1:]):
+        result["dist"] = [json.loads(o.read_text()) for o in dist_out]
+    result["returncodes"] = [p.returncode for p in procs]
+    return result
+
+
+@pytest.fixture(scope="module")
+def mesh_report(workers):
+    assert workers["mesh"] is not None, workers["logs"][0][-4000:]
+    return workers["mesh"]
 
 
 @pytest.mark.parametrize("mesh", ["8x1", "4x2", "1x8"])
@@ -78,30 +111,11 @@ def test_training_on_mesh(mesh_report, mesh, method):
         assert "fsdp" in r["q_proj_spec"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_two_processes_jax_distributed(tmp_path):
+def test_two_processes_jax_distributed(workers):
     """Two processes x 2 CPU devices (gloo), a data=2 x fsdp=2 mesh across them, each process
     feeding only its own rows: identical final weights on both, equal to one device."""
-    coord = f"127.0.0.1:{_free_port()}"
-    outs = [tmp_path / f"p{i}.json" for i in range(2)]
-    procs = [subprocess.Popen([sys.executable, str(WORKER), "dist", str(outs[i]), coord, "2", str(i)],
-                              env=_env(2), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for i in range(2)]
-    logs = []
-    try:
-        for p in procs:
-            logs.append(p.communicate(timeout=600)[0])
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    assert all(p.returncode == 0 for p in procs), "\n".join(log[-3000:] for log in logs)
-    r0, r1 = (json.loads(o.read_text()) for o in outs)
+    assert workers["dist"] is not None, "\n".join(log[-3000:] for log in workers["logs"][1:])
+    r0, r1 = workers["dist"]
     assert r0["rows"] == [0, 4] and r1["rows"] == [4, 8]  # each host read its own half
     assert r0["digest"] == r1["digest"]  # bit-identical weights on both processes
     for r in (r0, r1):
