@@ -18,13 +18,15 @@ drift on a shared CPU hits every arm alike), XLA's compiled FLOPs
 (``compiled.cost_analysis()``) and memory (``compiled.memory_analysis()``: arguments +
 outputs - aliased (donated) + temporaries). Ratios are sylva over the others.
 
-Also (not with ``--quick``): gradient accumulation of 4 micro-batches of 1x512 for sylva,
-``accum_mode="scan"`` vs ``"loop"``.
+Variants: ``--remat`` (model.layers 1x512 with ``remat=True``: activations recomputed per
+decoder block) and ``--accum`` (sylva, 4 micro-batches of 1x512, ``accum_mode="scan"`` vs
+``"loop"``).
 
 Writes experiments/results/step.json. The LAST line printed is one JSON object for scope
 ``model.layers`` at 1x512 tokens.
 
-Usage: python experiments/bench_step.py [--quick] [--rounds 7] [--pretrained]
+Usage: python experiments/bench_step.py [--quick] [--rounds 7] [--remat] [--accum]
+       [--cases model.layers:1x512,self_attn:4x512] [--append] [--pretrained]
 """
 from __future__ import annotations
 
@@ -56,9 +58,11 @@ SMOLLM2 = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hi
                max_position_embeddings=2048, rope_theta=100000.0, rms_norm_eps=1e-5)
 
 
-def random_model(layers: int, remat: bool = False):
+def random_model(layers: int, remat: bool = False, with_params: bool = True):
     cfg = llama.LlamaConfig(**{**SMOLLM2, "num_hidden_layers": layers, "remat": remat})
     graphdef, abstract = llama.split(nnx.eval_shape(lambda: llama.LlamaForCausalLM(cfg, rngs=nnx.Rngs(0))))
+    if not with_params:
+        return graphdef, None
     rng = np.random.default_rng(0)
     params = jax.tree.map(lambda s: jnp.asarray(
         rng.standard_normal(s.shape, np.float32) * 0.02 if len(s.shape) == 2 else np.ones(s.shape, np.float32)),
@@ -132,7 +136,7 @@ def batch_of(b, t, lead=()):
     return {"input_ids": ids, "attention_mask": jnp.ones_like(ids), "labels": ids}
 
 
-def bench_case(graphdef, params, scope, b, t, arms, rounds, accum=1, stats=True):
+def bench_case(graphdef, params, scope, b, t, arms, rounds, accum=1, stats=True, warmup=2):
     trainers, adapter, rank = make_arms(graphdef, params, scope, arms, accum)
     batch = batch_of(b, t, (accum,) if accum > 1 else ())
     states, res, steps = {}, {}, {}
@@ -144,7 +148,7 @@ def bench_case(graphdef, params, scope, b, t, arms, rounds, accum=1, stats=True)
         if stats and tr.accum_mode == "scan":
             st, steps[name] = compiled_stats(tr, states[name], batch)
             res[name].update(st)
-        for _ in range(2):  # warm-up (compiles, for the arms not compiled above)
+        for _ in range(max(1, warmup)):  # warm-up (compiles, for the arms not compiled above)
             states[name], m = steps[name](states[name], batch)
             jax.block_until_ready((states[name], m))
         res[name]["compile_and_warmup_s"] = time.perf_counter() - t0
@@ -206,6 +210,7 @@ def main():
     ap.add_argument("--remat", action="store_true", help="also model.layers 1x512 with remat=True "
                     "(activations recomputed per decoder block)")
     ap.add_argument("--accum", action="store_true", help="also sylva accumulation of 4x(1x512): scan vs loop")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps per arm after compiling")
     ap.add_argument("--append", action="store_true", help="merge into an existing --out file")
     ap.add_argument("--layers", type=int, default=SMOLLM2["num_hidden_layers"], help="decoder layers (30 = SmolLM2)")
     ap.add_argument("--pretrained", action="store_true", help="load the real SmolLM2-135M weights")
@@ -243,24 +248,9 @@ def main():
         out["cases"] = [c for c in out["cases"] if case_key(c) != case_key(case)] + [case]
         save()
 
-    todo = [(scope, b, t, False) for scope, b, t in cases]
-    if args.remat:
-        todo.append(("model.layers", 1, 512, True))
-    for scope, b, t, remat in todo:
-        if remat:
-            g, _ = random_model(args.layers, remat=True)
-            case = bench_case(g, params, scope, b, t, ["floor", "sylva", "lora", "full"], rounds)
-        else:
-            case = bench_case(graphdef, params, scope, b, t, arms, rounds)
-        case.update(remat=remat, rounds=rounds, loadavg=os.getloadavg())
-        case["ratios"] = ratios(case)
-        add(case)
-        print(json.dumps({k: case[k] for k in ("scope", "batch", "tokens", "remat", "lora_rank")}
-                         | {a: round(v["median_s"], 4) for a, v in case["arms"].items()} | case["ratios"]),
-              flush=True)
-    if args.accum:
+    def run_accum():
         acc = bench_case(graphdef, params, "model.layers", 1, 512, ["sylva", "sylva_loop"], rounds, accum=4,
-                         stats=False)
+                         stats=False, warmup=args.warmup)
         acc["scan_over_loop"] = acc["arms"]["sylva"]["median_s"] / acc["arms"]["sylva_loop"]["median_s"]
         acc.update(rounds=rounds, loadavg=os.getloadavg())
         out["accumulation"] = acc
@@ -268,6 +258,32 @@ def main():
         print(json.dumps({"accum4_scan_s": acc["arms"]["sylva"]["median_s"],
                           "accum4_loop_s": acc["arms"]["sylva_loop"]["median_s"],
                           "scan_over_loop": acc["scan_over_loop"]}), flush=True)
+
+    # order: the headline case first, then the variants, then the rest (a long run that is
+    # stopped early still has the important numbers on disk)
+    todo = [("case", scope, b, t, False) for scope, b, t in cases[:1]]
+    if args.remat:
+        todo.append(("case", "model.layers", 1, 512, True))
+    if args.accum:
+        todo.append(("accum",))
+    todo += [("case", scope, b, t, False) for scope, b, t in cases[1:]]
+    for item in todo:
+        if item[0] == "accum":
+            run_accum()
+            continue
+        _, scope, b, t, remat = item
+        if remat:
+            g, _ = random_model(args.layers, remat=True, with_params=False)
+            case = bench_case(g, params, scope, b, t, ["floor", "sylva", "lora", "full"], rounds,
+                              warmup=args.warmup)
+        else:
+            case = bench_case(graphdef, params, scope, b, t, arms, rounds, warmup=args.warmup)
+        case.update(remat=remat, rounds=rounds, loadavg=os.getloadavg())
+        case["ratios"] = ratios(case)
+        add(case)
+        print(json.dumps({k: case[k] for k in ("scope", "batch", "tokens", "remat", "lora_rank")}
+                         | {a: round(v["median_s"], 4) for a, v in case["arms"].items()} | case["ratios"]),
+              flush=True)
     print(json.dumps(summary_line(out["cases"])))
 
 

@@ -116,7 +116,8 @@ def save_state(manager, step: int, state: Any, *, extra: Mapping[str, Any] | Non
     """Save ``state`` (any pytree of arrays, e.g. a ``TrainState``) as ``step``.
 
     extra: JSON-serialisable dict saved beside it (restored by :func:`restore_state`).
-    metrics: for keep-best managers. force: ignore ``save_every``. A step that already
+    metrics: for keep-best managers. force: ignore Orbax's save policy (``save_every``; note
+    that Orbax also saves the first step it sees). A step that already
     exists is not rewritten (returns ``False``). Returns whether a save was started.
     """
     ocp = _ocp()
@@ -173,6 +174,9 @@ class RunCheckpoints:
                  async_save: bool = True):
         self.directory = Path(directory)
         self.best_metric = best_metric
+        self.save_every = int(save_every)
+        if self.save_every < 1:
+            raise ValueError(f"save_every must be a positive number of steps, got {save_every}")
         self.latest = checkpoint_manager(self.directory / "latest", max_to_keep=keep,
                                          save_every=save_every, async_save=async_save)
         self.best = checkpoint_manager(self.directory / "best", max_to_keep=keep_best,
@@ -184,7 +188,9 @@ class RunCheckpoints:
         """Save the resume checkpoint of ``step`` (no-op if that step is already saved).
         With ``force=False`` only steps that are multiples of ``save_every`` are saved, so
         the training loop may call this after every step."""
-        return save_state(self.latest, step, state, extra=extra, force=force)
+        if not force and int(step) % self.save_every:
+            return False
+        return save_state(self.latest, step, state, extra=extra)
 
     def save_best(self, step: int, state: Any, metrics: Mapping[str, float],
                   extra: Mapping[str, Any] | None = None) -> bool:

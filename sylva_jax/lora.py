@@ -11,16 +11,14 @@ only, ``A`` drawn Kaiming-uniform with ``a = sqrt(5)`` (PEFT's default:
 initialisation. The update is applied as two skinny matmuls (``[.., in] -> [.., r] ->
 [.., out]``); the dense delta ``B A`` is formed only by :func:`merge_lora`.
 
-Scope semantics are the adapter's: a weight is adapted when its '.'-joined path matches one
-of the scope patterns with ``re.search`` (a plain substring such as ``"self_attn"`` or
-``"model.layers"`` is a valid pattern) and it is a 2-D linear weight (``*.weight``,
-embeddings excluded).
+Scope semantics are the adapter's (:func:`sylva_jax.capture.match_scope`): a plain string
+selects the 2-D linear weights (``*.weight``, embeddings excluded) whose path contains it,
+``"re:<regex>"`` uses ``re.search``, a list is the union.
 """
 from __future__ import annotations
 
 import math
-import re
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -50,41 +48,26 @@ class LoraParams:
         return self.alpha / self.rank
 
 
-def _patterns(scope: str | Sequence[str]) -> list[str]:
-    if isinstance(scope, str):
-        return [scope]
-    scope = list(scope)
-    if not scope or not all(isinstance(s, str) for s in scope):
-        raise ValueError(f"scope must be a non-empty string or list of strings, got {scope!r}")
-    return scope
+def lora_paths(params: Any, scope) -> list[str]:
+    """Paths of the 2-D linear weights of ``params`` selected by ``scope``.
 
-
-def lora_paths(params: Any, scope: str | Sequence[str]) -> list[str]:
-    """Paths of the 2-D linear weights of ``params`` matching ``scope`` (``re.search``).
-
-    Embedding tables (``embed_tokens``) are never adapted: they are not linear layers.
-    Raises ``ValueError`` if nothing matches (a typo in the scope would otherwise train
-    nothing silently).
+    The adapter's scope semantics (:func:`sylva_jax.capture.match_scope`): a plain string is
+    a substring test (``"self_attn"``, ``"model.layers"``), ``"re:<regex>"`` or a compiled
+    pattern is matched with ``re.search``, a list is the union. Embedding tables
+    (``embed_tokens``) are never adapted: they are not linear layers. Raises ``ValueError``
+    if nothing matches (a typo in the scope would otherwise train nothing silently).
     """
-    pats = [re.compile(p) for p in _patterns(scope)]
-    out = []
-    for path, leaf in tree_lib.flatten(params).items():
-        if not path.endswith(".weight") or getattr(leaf, "ndim", 0) != 2 or "embed_tokens" in path:
-            continue
-        if any(p.search(path) for p in pats):
-            out.append(path)
-    if not out:
-        raise ValueError(
-            f"LoRA scope {scope!r} matches no 2-D linear weight; valid paths look like "
-            f"'model.layers.0.self_attn.q_proj.weight' (use e.g. scope='self_attn' or 'model.layers')"
-        )
-    return out
+    from sylva_jax.capture import match_scope
+
+    names = [path for path, leaf in tree_lib.flatten(params).items()
+             if path.endswith(".weight") and getattr(leaf, "ndim", 0) == 2 and "embed_tokens" not in path]
+    return match_scope(scope, names)
 
 
 def init_lora(
     params: Any,
     *,
-    scope: str | Sequence[str] = "self_attn",
+    scope: Any = "self_attn",
     rank: int = 16,
     alpha: float = 32.0,
     rng: jax.Array | int = 0,
