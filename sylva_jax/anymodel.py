@@ -884,9 +884,7 @@ def capture(
     layers = capture_lib._unstack(state, groups, matrices, seen, keep_dense, factor_kind, hier)
     invs = capture_lib._inv_diags({n: (s.A, s.G) for n, s in layers.items()}, float(damping),
                                   bool(relative_damping))
-    ok = jax.device_get({n: capture_lib._finite_jit(s.A, s.G, invs[n])
-                         for n, s in layers.items()})
-    bad = [n for n, fine in ok.items() if not fine]
+    bad = capture_lib._nonfinite_layers(layers, invs)
     if bad:
         raise ValueError(
             f"non-finite (NaN/inf) factors or inverse-curvature diagonals in layer(s) {bad}; "

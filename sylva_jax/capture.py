@@ -610,10 +610,7 @@ def preprocess(
     layers = _unstack(state, groups, scoped, seen, keep_dense, factor_kind, hier)
     invs = _inv_diags({n: (s.A, s.G) for n, s in layers.items()}, float(damping),
                       bool(relative_damping))
-    # on the host: a few MB for a 135M model, and no compilation per layer shape
-    bad = [n for n, s in layers.items()
-           if not all(np.isfinite(np.asarray(x)).all()
-                      for x in jax.tree.leaves((s.A, s.G, invs[n])))]
+    bad = _nonfinite_layers(layers, invs)
     if bad:
         raise ValueError(
             f"non-finite (NaN/inf) factors or inverse-curvature diagonals in layer(s) {bad}; "
@@ -627,6 +624,13 @@ def preprocess(
     )
     stats._inv_cache[(float(damping), bool(relative_damping))] = invs
     return stats
+
+
+def _nonfinite_layers(layers: Mapping[str, "LayerStats"], invs: Mapping[str, Any]) -> list[str]:
+    """Layers whose factors or inverse diagonals hold NaN/inf (checked on the host: a few MB
+    for a 135M model, and no compilation per layer shape)."""
+    return [n for n, s in layers.items()
+            if not all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves((s.A, s.G, invs[n])))]
 
 
 def _unstack(state, groups, scoped, seen, keep_dense, factor_kind, hier):
