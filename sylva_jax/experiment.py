@@ -103,8 +103,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     ),
     # Every stage, a handful of samples and steps: for tests and CI (< 3 minutes on 2 cores).
     "smoke": dict(
-        max_seq_len=128, per_device_train_batch_size=2, gradient_accumulation_steps=2,
-        num_warmup_steps=1, max_steps=4, preprocess_num_samples=4, num_partition=2,
+        max_seq_len=128, per_device_train_batch_size=1, gradient_accumulation_steps=2,
+        num_warmup_steps=1, max_steps=2, preprocess_num_samples=4, num_partition=2,
         mmlu_shots=1, mmlu_limit=8, mmlu_max_len=256, eval_interval=2, eval_batch_size=4,
         log_interval=1, max_train_samples=64, output_dir="runs/smoke",
     ),
