@@ -824,13 +824,8 @@ def capture(
     scoped = {p: flat[p] for p in chosen}
     groups = capture_lib._groups(infos, num_partition, hier)
     upd = hier.update if factor == "mean" else hier.update_block
-    state = {
-        "factors": [capture_lib._stacked_init(hier, g, factor_kind) for g in groups],
-        "dense": [jnp.zeros((len(g.slots), g.dim, g.dim), jnp.float32) for g in groups]
-        if keep_dense else None,
-        "grad_sum": {p: jnp.zeros(infos[p].shape, jnp.float32) for p in chosen},
-        "finite": {p: jnp.ones((), bool) for p in chosen},
-    }
+    state = capture_lib._init_state(hier, groups, factor_kind, keep_dense,
+                                    {p: infos[p].shape for p in chosen})
     steps: dict = {}
 
     def get_step(key, traced, products, batch_pos, has_mask):
@@ -840,20 +835,7 @@ def capture(
         def step(state, scoped, dyn, mask):
             acts, gy, gw = _batch_statistics(traced, products, mode, factor, scoped, dyn,
                                              batch_pos, mask)
-            # the accumulation of capture._make_step (same slots, same update functions)
-            vecs = {"A": acts, "G": gy}
-            new_f, new_d = [], []
-            for k, g in enumerate(groups):
-                x = jnp.stack([vecs[which][n].reshape(-1, g.dim) for n, which in g.slots])
-                new_f.append(jax.vmap(upd)(state["factors"][k], x))
-                if keep_dense:
-                    new_d.append(state["dense"][k] + jnp.einsum(
-                        "lbi,lbj->lij", x, x, precision=jax.lax.Precision.HIGHEST))
-            finite = {n: state["finite"][n] & capture_lib._all_finite(acts[n], gy[n], gw[n])
-                      for n in gw}
-            grad_sum = {n: state["grad_sum"][n] + gw[n] for n in gw}
-            return {"factors": new_f, "dense": new_d if keep_dense else None,
-                    "grad_sum": grad_sum, "finite": finite}
+            return capture_lib._accumulate(state, groups, upd, keep_dense, acts, gy, gw)
 
         steps[(key, has_mask)] = jax.jit(step, donate_argnums=0)
         return steps[(key, has_mask)]

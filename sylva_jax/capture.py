@@ -511,21 +511,40 @@ def _make_step(apply: Callable, groups, factor: str, keep_dense: bool, hier):
     def step(state, scoped, params, extra, ids, am, labels):
         acts, gy, gw = _batch_statistics(fn, scoped, params, extra, ids, am, labels,
                                          factor=factor)
-        vecs = {"A": acts, "G": gy}
-        new_f, new_d = [], []
-        for k, g in enumerate(groups):
-            # [slots, B, dim] (mean) or [slots, B*T, dim] (tokens)
-            x = jnp.stack([vecs[which][n].reshape(-1, g.dim) for n, which in g.slots])
-            new_f.append(jax.vmap(upd)(state["factors"][k], x))
-            if keep_dense:
-                new_d.append(state["dense"][k] + jnp.einsum(
-                    "lbi,lbj->lij", x, x, precision=jax.lax.Precision.HIGHEST))
-        finite = {n: state["finite"][n] & _all_finite(acts[n], gy[n], gw[n]) for n in gw}
-        grad_sum = {n: state["grad_sum"][n] + gw[n] for n in gw}
-        return {"factors": new_f, "dense": new_d if keep_dense else None,
-                "grad_sum": grad_sum, "finite": finite}
+        return _accumulate(state, groups, upd, keep_dense, acts, gy, gw)
 
     return jax.jit(step, donate_argnums=0)
+
+
+def _init_state(hier, groups, factor_kind: str, keep_dense: bool, shapes: Mapping[str, tuple]):
+    """Empty accumulators: stacked factors per dimension group, optional dense factors,
+    gradient sums and finiteness flags per layer (``shapes``: layer -> ``(out, in)``)."""
+    return {
+        "factors": [_stacked_init(hier, g, factor_kind) for g in groups],
+        "dense": [jnp.zeros((len(g.slots), g.dim, g.dim), jnp.float32) for g in groups]
+        if keep_dense else None,
+        "grad_sum": {n: jnp.zeros(shape, jnp.float32) for n, shape in shapes.items()},
+        "finite": {n: jnp.ones((), bool) for n in shapes},
+    }
+
+
+def _accumulate(state, groups, upd, keep_dense: bool, acts, gy, gw):
+    """Add one batch's statistics (per layer: ``acts`` / ``gy`` token-mean or per-token
+    vectors, ``gw`` weight-gradient sum) to ``state``: one ``vmap``-ed factor update per
+    dimension group. Shared by :func:`preprocess` and :func:`sylva_jax.anymodel.capture`."""
+    vecs = {"A": acts, "G": gy}
+    new_f, new_d = [], []
+    for k, g in enumerate(groups):
+        # [slots, B, dim] (mean) or [slots, B*T, dim] (tokens)
+        x = jnp.stack([vecs[which][n].reshape(-1, g.dim) for n, which in g.slots])
+        new_f.append(jax.vmap(upd)(state["factors"][k], x))
+        if keep_dense:
+            new_d.append(state["dense"][k] + jnp.einsum(
+                "lbi,lbj->lij", x, x, precision=jax.lax.Precision.HIGHEST))
+    finite = {n: state["finite"][n] & _all_finite(acts[n], gy[n], gw[n]) for n in gw}
+    grad_sum = {n: state["grad_sum"][n] + gw[n] for n in gw}
+    return {"factors": new_f, "dense": new_d if keep_dense else None,
+            "grad_sum": grad_sum, "finite": finite}
 
 
 def preprocess(
@@ -576,13 +595,7 @@ def preprocess(
     infos = _resolve_scope(fn, scope)
     scoped = _lookup_weights(fn, infos)
     groups = _groups(infos, num_partition, hier)
-    state = {
-        "factors": [_stacked_init(hier, g, factor_kind) for g in groups],
-        "dense": [jnp.zeros((len(g.slots), g.dim, g.dim), jnp.float32) for g in groups]
-        if keep_dense else None,
-        "grad_sum": {n: jnp.zeros(w.shape, jnp.float32) for n, w in scoped.items()},
-        "finite": {n: jnp.ones((), bool) for n in scoped},
-    }
+    state = _init_state(hier, groups, factor_kind, keep_dense, {n: w.shape for n, w in scoped.items()})
     step = _make_step(fn.apply, groups, factor, keep_dense, hier)
 
     seen = 0
