@@ -94,8 +94,18 @@ def checkpoint_manager(directory: str | os.PathLike, *, max_to_keep: int | None 
 
 
 def _host_copy(tree):
-    """A host (NumPy) copy of every array leaf: owned memory, safe against donation."""
-    return jax.tree.map(lambda x: np.array(x, copy=True) if hasattr(x, "shape") else x, tree)
+    """A copy of every array leaf that the training step cannot donate away: a host (NumPy)
+    copy where this process holds the whole array; on a multi-host mesh, where each process
+    holds only its shards, an on-device copy with the same sharding (Orbax then writes each
+    process's shards, and the primary process the metadata)."""
+    def one(x):
+        if not hasattr(x, "shape"):
+            return x
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return jnp.array(x, copy=True)
+        return np.array(x, copy=True)
+
+    return jax.tree.map(one, tree)
 
 
 def _abstract(tree):

@@ -75,6 +75,11 @@ _BASE = dict(
     keep_checkpoints=2,
     max_train_samples=None,
     stop_at_step=None,
+    mesh_data=None,
+    mesh_fsdp=1,
+    coordinator=None,
+    num_processes=None,
+    process_id=None,
 )
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -150,6 +155,11 @@ _HELP = {
     "keep_checkpoints": "resume checkpoints to keep",
     "max_train_samples": "use at most this many training conversations",
     "stop_at_step": "stop after this optimizer step as if Ctrl-C was pressed (checkpoint saved; continue with --resume)",
+    "mesh_data": "data-parallel ways of the device mesh (default: all devices / --mesh_fsdp); the global batch is per-device batch x data x fsdp",
+    "mesh_fsdp": "FSDP ways of the device mesh: weights and optimizer state split this many ways (1: replicated)",
+    "coordinator": "multi-host: HOST:PORT of process 0 (or SYLVA_COORDINATOR / JAX_COORDINATOR_ADDRESS)",
+    "num_processes": "multi-host: number of processes (or SYLVA_NUM_PROCESSES / JAX_NUM_PROCESSES; -1: let JAX detect the cluster)",
+    "process_id": "multi-host: this process's index, 0 .. num_processes-1 (or SYLVA_PROCESS_ID / JAX_PROCESS_ID)",
 }
 
 
@@ -171,7 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
              "target_score": float, "mmlu_shots": int, "mmlu_limit": int, "mmlu_max_len": int,
              "eval_batch_size": int, "lora_rank": int, "lora_alpha": float, "lora_dropout": float,
              "save_interval": int, "keep_checkpoints": int, "max_train_samples": int,
-             "stop_at_step": int}
+             "stop_at_step": int, "mesh_data": int, "mesh_fsdp": int, "num_processes": int,
+             "process_id": int}
     choices = {"scheduler": ["linear", "cosine", "constant"], "dtype": ["float32", "bfloat16"],
                "method": ["sylva", "lora", "full"],
                "mask_method": ["sylva", "kfac", "fisher", "grad", "magnitude", "random"],
@@ -223,6 +234,9 @@ def _check_config(cfg: dict) -> None:
     need(cfg["target_score"] is None or 0.0 < cfg["target_score"] <= 1.0,
          f"--target_score is an accuracy in (0, 1], got {cfg['target_score']}")
     need(cfg["output_dir"], "--output_dir is required with this preset")
+    need(int(cfg["mesh_fsdp"]) >= 1, f"--mesh_fsdp must be a positive integer, got {cfg['mesh_fsdp']}")
+    need(cfg["mesh_data"] is None or int(cfg["mesh_data"]) >= 1,
+         f"--mesh_data must be a positive integer, got {cfg['mesh_data']}")
     if cfg["lora_rank"] < 1:
         raise ExperimentError(f"--lora_rank must be >= 1, got {cfg['lora_rank']}")
     if not 0.0 <= cfg["lora_dropout"] < 1.0:

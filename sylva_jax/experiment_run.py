@@ -21,11 +21,15 @@ from sylva_jax.experiment import ExperimentError
 
 LOG_PREFIX = "[oasst_mmlu]"
 # settings that may differ between a stopped run and its --resume
-_RESUMABLE_CHANGES = ("resume", "overwrite", "stop_at_step", "log_interval")
+_RESUMABLE_CHANGES = ("resume", "overwrite", "stop_at_step", "log_interval", "coordinator",
+                      "process_id")
+
+
+_TAG = [LOG_PREFIX]  # gains the process index in multi-host runs
 
 
 def log(msg: str) -> None:
-    print(f"{LOG_PREFIX} {msg}", flush=True)
+    print(f"{_TAG[0]} {msg}", flush=True)
 
 
 class _Stage:
@@ -117,6 +121,7 @@ class Run:
         cfg, out = self.cfg, self.out
         summary = out / "summary.json"
         ckpts = out / "checkpoints"
+        clear = False
         if out.exists() and any(out.iterdir()):
             finished = False
             if summary.exists():
@@ -125,11 +130,7 @@ class Run:
                 except (OSError, ValueError):
                     finished = False
             if cfg["overwrite"]:
-                log(f"--overwrite: clearing {out}")
-                for child in out.iterdir():
-                    if child.name == "masks":  # cached masks are keyed by metadata: keep
-                        continue
-                    shutil.rmtree(child) if child.is_dir() else child.unlink()
+                clear = True
             elif cfg["resume"]:
                 if finished:
                     raise ExperimentError(f"{out} holds a finished run; nothing to resume "
@@ -145,12 +146,23 @@ class Run:
                                       f"--overwrite to start again, or choose another --output_dir")
         elif cfg["resume"]:
             raise ExperimentError(f"--resume: {out} does not exist or is empty; nothing to resume")
-        out.mkdir(parents=True, exist_ok=True)
+        # every process has checked the same directory; only the primary one changes it
+        self._barrier("output_dir_checked")
+        if self.primary:
+            if clear:
+                log(f"--overwrite: clearing {out}")
+                for child in out.iterdir():
+                    if child.name == "masks":  # cached masks are keyed by metadata: keep
+                        continue
+                    shutil.rmtree(child) if child.is_dir() else child.unlink()
+            out.mkdir(parents=True, exist_ok=True)
+        self._barrier("output_dir_ready")
 
     # ------------------------------------------------------------------ stages
     def execute(self) -> dict[str, Any]:
         cfg = self.cfg
         t_start = self.t_start = time.perf_counter()
+        self._start_distributed()
         self._prepare_output_dir()
         args_path = self.out / "args.json"
         if cfg["resume"] and args_path.exists():
@@ -162,12 +174,15 @@ class Run:
                     "--resume with different settings than the stopped run: "
                     + "; ".join(f"{k}: was {a!r}, now {b!r}" for k, (a, b) in sorted(diffs.items()))
                     + ". Resume with the same flags, or start a new run")
-        _atomic_write_json(args_path, cfg)
+        if self.primary:
+            _atomic_write_json(args_path, cfg)
         log("settings: " + ", ".join(f"{k}={cfg[k]}" for k in sorted(cfg)))
 
         import jax
 
-        log(f"jax {jax.__version__} on {jax.devices()[0].platform} ({len(jax.devices())} device(s))")
+        log(f"jax {jax.__version__} on {jax.devices()[0].platform} ({len(jax.devices())} device(s), "
+            f"{jax.process_count()} process(es))")
+        self._make_mesh()
         with _Stage("load_model", self.times):
             self._load_model()
         with _Stage("load_data", self.times):
@@ -185,10 +200,72 @@ class Run:
             wall_time_s=time.perf_counter() - t_start,
             stage_times_s=self.times,
         )
-        _atomic_write_json(self.out / "summary.json", self.summary)
-        self._plot()
+        if self.primary:
+            _atomic_write_json(self.out / "summary.json", self.summary)
+            self._plot()
         log(f"summary: {json.dumps({k: v for k, v in self.summary.items() if k not in ('mmlu_per_subject', 'mask_report')}, default=_json_default)}")
         return self.summary
+
+    def _start_distributed(self) -> None:
+        """Join a multi-host job when asked (flags or environment); before jax starts."""
+        from sylva_jax import sharding
+
+        cfg = self.cfg
+        try:
+            joined = sharding.initialize_distributed(cfg["coordinator"], cfg["num_processes"],
+                                                     cfg["process_id"])
+        except ValueError as e:
+            raise ExperimentError(f"multi-host setup: {e}") from e
+        import jax
+
+        self.primary = jax.process_index() == 0
+        if joined:
+            _TAG[0] = f"{LOG_PREFIX}[{jax.process_index()}/{jax.process_count()}]"
+            log(f"joined a {jax.process_count()}-process job; {len(jax.local_devices())} local "
+                f"of {len(jax.devices())} devices; output written by process 0")
+
+    def _barrier(self, name: str) -> None:
+        import jax
+
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(name)
+
+    def _make_mesh(self) -> None:
+        """One device: the plain single-device path. Several devices (or processes): a
+        ``data x fsdp`` mesh over all of them (:mod:`sylva_jax.sharding`)."""
+        import jax
+
+        from sylva_jax import sharding
+
+        cfg = self.cfg
+        n = len(jax.devices())
+        fsdp = int(cfg["mesh_fsdp"])
+        data = cfg["mesh_data"]
+        if data is None:
+            if n % fsdp:
+                raise ExperimentError(f"--mesh_fsdp {fsdp} does not divide the {n} devices; "
+                                      f"choose a divisor of {n} (or set --mesh_data too)")
+            data = n // fsdp
+        data = int(data)
+        if jax.process_count() > 1 and data * fsdp != n:
+            raise ExperimentError(f"with {jax.process_count()} processes the mesh must cover all {n} devices; "
+                                  f"got --mesh_data {data} x --mesh_fsdp {fsdp}")
+        self.mesh = None
+        if data * fsdp > 1 or jax.process_count() > 1:
+            try:
+                self.mesh = sharding.make_mesh(data, fsdp)
+            except ValueError as e:
+                raise ExperimentError(f"device mesh: {e}") from e
+        self.ways = data * fsdp
+        self.global_batch = cfg["per_device_train_batch_size"] * self.ways
+        self.summary["mesh"] = {"data": data, "fsdp": fsdp, "devices": n,
+                                "processes": jax.process_count(), "global_batch": self.global_batch}
+        if self.mesh is not None:
+            log(f"mesh data={data} x fsdp={fsdp} over {n} devices: global batch "
+                f"{cfg['per_device_train_batch_size']} x {self.ways} = {self.global_batch} sequences "
+                f"per micro-step")
 
     def _load_model(self) -> None:
         from sylva_jax.models.loading import load_pretrained
@@ -289,21 +366,49 @@ class Run:
             self.summary["masks_cached"] = False
             try:
                 masks, rep = compute_masks(
-                    self.model, self._calibration_batches(), scope=cfg["scope"], sparsity=cfg["sparsity"],
+                    self._preprocess_model(), self._calibration_batches(), scope=cfg["scope"], sparsity=cfg["sparsity"],
                     block_size=cfg["block_size"], method=cfg["mask_method"], seed=cfg["seed"],
                     num_samples=cfg["preprocess_num_samples"], num_partition=cfg["num_partition"],
                     factor=cfg["factor"])
             except ValueError as e:
                 raise ExperimentError(f"pre-processing failed: {e}") from e
             log(f"pre-processing + selection: {rep.get('seconds')}")
-            masks_lib.save_masks(masks, path, wanted)
-            log(f"masks saved to {path}")
+            masks = self._same_on_all_processes(masks)
+            if self.primary:
+                masks_lib.save_masks(masks, path, wanted)
+                log(f"masks saved to {path}")
+        else:
+            masks = self._same_on_all_processes(masks)
         rep = masks_lib.mask_report(masks, self.params)
         log(masks_lib.format_mask_report(rep))
         self.masks = masks
         self.summary["mask_report"] = rep
         self.summary["sparsity_scope"] = rep["sparsity_in_scope"]
         self.summary["sparsity_total"] = rep["sparsity_overall"]
+
+    def _preprocess_model(self):
+        """What pre-processing runs on: the model (one device), the model on the mesh (one
+        process: the factors are sums over data shards, equal to one device's), or, with
+        several processes, each process's local devices (every process computes the same
+        masks from the same calibration batches; process 0's are then used everywhere)."""
+        import jax
+
+        from sylva_jax import sharding
+
+        if self.mesh is None:
+            return self.model
+        mesh = self.mesh if jax.process_count() == 1 else sharding.make_mesh(devices=jax.local_devices())
+        return sharding.sharded_model(self.graphdef, self.params, mesh, block_size=self.cfg["block_size"])
+
+    def _same_on_all_processes(self, masks):
+        import jax
+
+        if jax.process_count() == 1:
+            return masks
+        from jax.experimental import multihost_utils
+
+        got = multihost_utils.broadcast_one_to_all({k: np.asarray(v) for k, v in masks.items()})
+        return {k: np.asarray(v).astype(bool) for k, v in got.items()}
 
     def _model_identity(self) -> str:
         """Model name plus a cheap content fingerprint (shapes and a few sums)."""
@@ -321,7 +426,7 @@ class Run:
         from sylva_jax.train import make_train_step
 
         cfg = self.cfg
-        per_step = cfg["per_device_train_batch_size"] * cfg["gradient_accumulation_steps"]
+        per_step = self.global_batch * cfg["gradient_accumulation_steps"]
         if cfg["max_steps"] is not None:
             total = int(cfg["max_steps"])
         else:
@@ -342,12 +447,23 @@ class Run:
             kw.update(scope=cfg["scope"], lora_rank=cfg["lora_rank"], lora_alpha=cfg["lora_alpha"],
                       lora_dropout=cfg["lora_dropout"])
         self.trainer = make_train_step(self.graphdef, **kw)
-        self.state = self.trainer.init(self.params, seed=cfg["seed"])
+        if self.mesh is None:
+            self.state = self.trainer.init(self.params, seed=cfg["seed"])
+            self._step = self.trainer.step
+        else:
+            from sylva_jax import sharding
+
+            params = sharding.shard_params(self.params, self.mesh, block_size=cfg["block_size"])
+            self.params = None
+            state = self.trainer.init(params, seed=cfg["seed"])
+            self._step, self.state = sharding.sharded_step(self.trainer, self.mesh, state,
+                                                           block_size=cfg["block_size"])
+        self._build_eval()
         self.params = None  # the state owns (and donates) the weights now
         self.model = None
         n = self.trainer.num_trainable
         self.summary.update(method=cfg["method"], trainable_params=n, total_steps=total,
-                            tokens_per_step_max=per_step * cfg["max_seq_len"])
+                            tokens_per_step_max=self.global_batch * cfg["gradient_accumulation_steps"] * cfg["max_seq_len"])
         if cfg["method"] != "sylva":
             self.summary.setdefault("sparsity_scope", None)
             self.summary.setdefault("sparsity_total", None)
@@ -355,19 +471,45 @@ class Run:
             f"{cfg['per_device_train_batch_size']} x {cfg['gradient_accumulation_steps']} sequences")
 
     # ------------------------------------------------------------------ evaluation
-    def _evaluate(self) -> dict:
+    def _build_eval(self) -> None:
+        """``self._answer_logits(ids, mask) -> [B, V]``: the logits at each row's last real
+        token, computed on device (on the mesh: rows split when the batch divides, weights
+        as sharded for training; the small result replicated and read on every process)."""
         import jax
+        import jax.numpy as jnp
 
+        logits = self.trainer.logits
+
+        def last(state, ids, mask):
+            out = logits(state, ids, mask)
+            pos = jnp.sum(mask, axis=-1) - 1
+            return out[jnp.arange(ids.shape[0]), pos]
+
+        if self.mesh is None:
+            f = jax.jit(last)
+            self._answer_logits = lambda ids, mask: f(self.state, ids, mask)
+            return
+        from jax.sharding import NamedSharding, PartitionSpec
+
+        from sylva_jax import sharding
+
+        rep = NamedSharding(self.mesh, PartitionSpec())
+        rows = (sharding.batch_sharding(self.mesh) if self.cfg["eval_batch_size"] % self.ways == 0
+                else rep)
+        f = jax.jit(last, out_shardings=rep)
+
+        def answer_logits(ids, mask):
+            g = sharding.put({"ids": np.asarray(ids), "mask": np.asarray(mask)}, rows)
+            return sharding.to_host(f(self.state, g["ids"], g["mask"]))
+
+        self._answer_logits = answer_logits
+
+    def _evaluate(self) -> dict:
         from sylva_jax.data.mmlu import evaluate_mmlu
 
         cfg = self.cfg
-        state = self.state
-
-        def logits_fn(ids, mask):
-            return self.trainer.logits(state, jax.numpy.asarray(ids), jax.numpy.asarray(mask))
-
         t0 = time.perf_counter()
-        res = evaluate_mmlu(logits_fn, self.tok, self.mmlu_questions, batch_size=cfg["eval_batch_size"])
+        res = evaluate_mmlu(self._answer_logits, self.tok, self.mmlu_questions, batch_size=cfg["eval_batch_size"])
         res["seconds"] = time.perf_counter() - t0
         self.times["evaluate"] = self.times.get("evaluate", 0.0) + res["seconds"]
         return res
@@ -377,14 +519,23 @@ class Run:
         cfg = self.cfg
         from sylva_jax.data.batching import collate
 
-        b, k = cfg["per_device_train_batch_size"], cfg["gradient_accumulation_steps"]
+        b, k = self.global_batch, cfg["gradient_accumulation_steps"]
         samples = self.stream.take(pos, b * k)
         T = _bucket(max(len(s["input_ids"]) for s in samples), cfg["max_seq_len"])
         pad = _pad_id(self.tok)
         micro = [collate(samples[i * b:(i + 1) * b], pad_id=pad, pad_to=T) for i in range(k)]
         if k == 1:
-            return micro[0]
-        return {name: np.stack([m[name] for m in micro]) for name in micro[0]}
+            batch = micro[0]
+        else:
+            batch = {name: np.stack([m[name] for m in micro]) for name in micro[0]}
+        tokens = int(np.sum(batch["attention_mask"]))  # real (non-padding) tokens, all processes
+        if self.mesh is not None:
+            from sylva_jax import sharding
+
+            rows = sharding.process_batch_slice(b, self.mesh)  # this process reads only its rows
+            mine = {n: (v[rows] if k == 1 else v[:, rows]) for n, v in batch.items()}
+            batch = sharding.shard_batch(mine, self.mesh, accum_steps=k, global_batch_size=b)
+        return batch, tokens
 
     def _train_and_evaluate(self) -> str:
         import jax
@@ -407,16 +558,17 @@ class Run:
             self.state, extra = restored
             best = extra.get("best", best)
             self.summary["mmlu_before"] = extra.get("mmlu_before")
-            step0 = int(self.state.step)
-            _truncate_jsonl(metrics_path, step0)
-            _truncate_jsonl(evals_path, step0)
-            log(f"resumed from step {step0} (data position {int(self.state.data_pos)}); best so far {best}")
+            step0 = int(self._host(self.state.step))
+            if self.primary:
+                _truncate_jsonl(metrics_path, step0)
+                _truncate_jsonl(evals_path, step0)
+            log(f"resumed from step {step0} (data position {self._data_pos()}); best so far {best}")
         else:
             with _Stage("evaluate_before", self.times):
                 res = self._evaluate()
             self.summary["mmlu_before"] = res["accuracy_macro"]
             self.summary["mmlu_before_per_subject"] = res["per_subject"]
-            _append_jsonl(evals_path, {"step": 0, "mmlu": res["accuracy_macro"],
+            self._append(evals_path, {"step": 0, "mmlu": res["accuracy_macro"],
                                        "mmlu_micro": res["accuracy_micro"], "seconds": res["seconds"]})
             log(f"MMLU before training: {res['accuracy_macro']:.4f} (macro), {res['accuracy_micro']:.4f} (micro)")
 
@@ -429,14 +581,15 @@ class Run:
         try:
             from tqdm.auto import tqdm
 
-            step = int(self.state.step)
+            step = int(self._host(self.state.step))
             step0_session = step
             bar = tqdm(total=self.total_steps, initial=step, desc="train", dynamic_ncols=True,
                        disable=None, file=sys.stdout)
             while step < self.total_steps:
-                batch = self._step_batch(int(self.state.data_pos))
+                batch, tok = self._step_batch(self._data_pos())
                 t0 = time.perf_counter()
-                new_state, m = self.trainer.step(self.state, batch)
+                new_state, m = self._step(self.state, batch)
+                m = self._host(m)
                 loss = float(m["loss"])  # waits for the step
                 dt = time.perf_counter() - t0
                 if not math.isfinite(loss):
@@ -448,7 +601,6 @@ class Run:
                         f"in {self.out / 'checkpoints'} is intact (lower --learning_rate, or check the data)")
                 self.state = new_state
                 step += 1
-                tok = int(np.sum(batch["attention_mask"]))  # real (non-padding) tokens processed
                 if not first_step:  # the first step of a session includes compilation
                     tokens_trained += tok
                     train_time += dt
@@ -463,7 +615,7 @@ class Run:
                            "lr": rec["lr"], "grad_norm": rec["grad_norm"],
                            "tokens_per_s": sum(r["tokens"] for r in window) / max(sum(r["step_time_s"] for r in window), 1e-9),
                            "elapsed_s": time.perf_counter() - self.t_start}
-                    _append_jsonl(metrics_path, agg)
+                    self._append(metrics_path, agg)
                     if bar.disable:  # no terminal: a plain log line instead of the bar
                         eta = (self.total_steps - step) * (train_time / max(step - step0_session - 1, 1))
                         log(f"step {step}/{self.total_steps} loss {agg['loss']:.4f} lr {agg['lr']:.2e} "
@@ -474,9 +626,9 @@ class Run:
                     res = self._evaluate()
                     did_eval = True
                     score = res["accuracy_macro"]
-                    _append_jsonl(evals_path, {"step": step, "mmlu": score, "mmlu_micro": res["accuracy_micro"],
+                    self._append(evals_path, {"step": step, "mmlu": score, "mmlu_micro": res["accuracy_micro"],
                                                "seconds": res["seconds"]})
-                    bar.write(f"{LOG_PREFIX} step {step}: MMLU {score:.4f} (best {max(best['score'], score):.4f})")
+                    bar.write(f"{_TAG[0]} step {step}: MMLU {score:.4f} (best {max(best['score'], score):.4f})")
                     if score > best["score"]:
                         best = {"score": score, "step": step}
                         self.ckpt.save_best(step, self.state, {"mmlu": score})
@@ -487,14 +639,14 @@ class Run:
                 if did_eval or step % save_interval == 0 or status == "target_reached":
                     self.ckpt.save(step, self.state, {"best": best, "mmlu_before": self.summary.get("mmlu_before")})
                 if status == "target_reached":
-                    bar.write(f"{LOG_PREFIX} target score {cfg['target_score']} reached at step {step}; stopping")
+                    bar.write(f"{_TAG[0]} target score {cfg['target_score']} reached at step {step}; stopping")
                     break
                 planned_stop = (cfg["stop_at_step"] is not None and step >= cfg["stop_at_step"]
                                 and step < self.total_steps)
                 if self._stop_requested or planned_stop:
                     self.ckpt.save(step, self.state, {"best": best, "mmlu_before": self.summary.get("mmlu_before")})
                     status = "interrupted" if self._stop_requested else "stopped"
-                    bar.write(f"{LOG_PREFIX} {status}: checkpoint saved at step {step}; "
+                    bar.write(f"{_TAG[0]} {status}: checkpoint saved at step {step}; "
                               f"continue with --resume")
                     break
             bar.close()
@@ -504,17 +656,35 @@ class Run:
 
         if status not in ("interrupted", "stopped"):
             self.summary["mmlu_after"] = self.summary.get("mmlu_last")
-        self.summary["params_sha256"] = _params_sha256(self.state.params)
+        self.summary["params_sha256"] = _params_sha256(self._host(self.state.params))
         self.summary.update(best_step=best["step"], mmlu_best=best["score"] if best["step"] else None,
-                            steps_done=int(self.state.step), tokens_timed=tokens_trained,
+                            steps_done=int(self._host(self.state.step)), tokens_timed=tokens_trained,
                             tokens_per_s=tokens_trained / train_time if train_time > 0 else None)
         if status not in ("interrupted", "stopped") and cfg["method"] == "sylva":
             from sylva_jax.checkpoint import save_adapter
 
             best_state = self.ckpt.restore_best(self.state) or self.state
-            path = save_adapter(self.out / "adapter", self.adapter, best_state.params)
-            log(f"adapter (best step {best['step']}) saved to {path}")
+            best_params = self._host(best_state.params)  # gathered on every process
+            if self.primary:
+                path = save_adapter(self.out / "adapter", self.adapter, best_params)
+                log(f"adapter (best step {best['step']}) saved to {path}")
         return status
+
+    def _host(self, tree):
+        """NumPy values of (possibly sharded, possibly multi-host) arrays; a collective when
+        several processes hold shards, so every process calls it at the same point."""
+        if self.mesh is None:
+            return tree
+        from sylva_jax import sharding
+
+        return sharding.to_host(tree)
+
+    def _data_pos(self) -> int:
+        return int(self._host(self.state.data_pos))
+
+    def _append(self, path: Path, rec: dict) -> None:
+        if self.primary:
+            _append_jsonl(path, rec)
 
     def _on_sigint(self, signum, frame):
         if self._stop_requested:  # second Ctrl-C: give up at once

@@ -53,7 +53,7 @@ from sylva_jax import tree as tree_lib
 __all__ = [
     "DATA", "FSDP", "BATCH_AXES",
     "make_mesh", "weight_spec", "tile_spec", "param_shardings", "state_shardings",
-    "batch_sharding", "shard_params", "shard_state", "shard_batch", "process_batch_slice",
+    "batch_sharding", "put", "replicate", "to_host", "sharded_model", "shard_params", "shard_state", "shard_batch", "process_batch_slice",
     "sharded_step", "preprocess", "initialize_distributed", "memory_per_device",
 ]
 
@@ -189,6 +189,39 @@ def _put(tree, shardings):
     return jax.tree.map(one, tree, shardings)
 
 
+def put(tree: Any, shardings: Any) -> Any:
+    """Place host (NumPy) leaves that every process holds in full with ``shardings`` (a
+    pytree like ``tree``, or one sharding for all leaves); across processes each process
+    keeps only its addressable shards."""
+    if isinstance(shardings, jax.sharding.Sharding):
+        shardings = jax.tree.map(lambda _: shardings, tree)
+    return _put(tree, shardings)
+
+
+def replicate(tree: Any, mesh: Mesh) -> Any:
+    """Host (NumPy) leaves that every process holds in full, as arrays replicated on every
+    device of ``mesh`` (across processes too: a plain NumPy argument to a computation on a
+    multi-process mesh is not enough)."""
+    rep = NamedSharding(mesh, P())
+    return _put(tree, jax.tree.map(lambda _: rep, tree))
+
+
+def to_host(tree: Any) -> Any:
+    """NumPy copies of every array leaf, on every process: fully addressable arrays are
+    copied, replicated ones read from a local shard, sharded ones gathered across processes
+    (``multihost_utils.process_allgather``; every process must call this together)."""
+    def one(x):
+        if not isinstance(x, jax.Array) or x.is_fully_addressable:
+            return np.asarray(x)
+        if x.sharding.is_fully_replicated:
+            return np.asarray(x.addressable_data(0))
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+    return jax.tree.map(one, tree)
+
+
 def shard_params(params: Any, mesh: Mesh, *, block_size: int = 64) -> Any:
     """``params`` placed on ``mesh`` by the weight rule."""
     return _put(params, param_shardings(params, mesh, block_size=block_size))
@@ -321,6 +354,18 @@ def _sharded_apply(graphdef, mesh: Mesh) -> Callable:
     return apply
 
 
+def sharded_model(graphdef, params: Any, mesh: Mesh, *, block_size: int = 64) -> tuple[Callable, Any]:
+    """``(apply, params)`` for :func:`sylva_jax.capture.preprocess` or
+    :func:`sylva_jax.importance.compute_masks` that runs on ``mesh``: the weights placed by
+    the weight rule (already-placed ones kept) and the batch split over ``(data, fsdp)``."""
+    leaves = jax.tree.leaves(params)
+    placed = all(isinstance(x, jax.Array) and isinstance(x.sharding, NamedSharding)
+                 and x.sharding.mesh == mesh for x in leaves)
+    if not placed:
+        params = shard_params(params, mesh, block_size=block_size)
+    return _sharded_apply(graphdef, mesh), params
+
+
 def preprocess(model, batches: Iterable[Mapping[str, Any]], mesh: Mesh, *, scope,
                block_size: int = 64, **kwargs):
     """:func:`sylva_jax.capture.preprocess` on ``mesh`` (ALGORITHM.md sections 0.1, 1).
@@ -342,13 +387,8 @@ def preprocess(model, batches: Iterable[Mapping[str, Any]], mesh: Mesh, *, scope
         raise TypeError("sharding.preprocess takes (graphdef, params) from "
                         "sylva_jax.models.llama.split")
     graphdef, params = model
-    leaves = jax.tree.leaves(params)
-    placed = all(isinstance(x, jax.Array) and isinstance(x.sharding, NamedSharding)
-                 and x.sharding.mesh == mesh for x in leaves)
-    if not placed:
-        params = shard_params(params, mesh, block_size=block_size)
-    return capture.preprocess((_sharded_apply(graphdef, mesh), params), batches,
-                              scope=scope, **kwargs)
+    return capture.preprocess(sharded_model(graphdef, params, mesh, block_size=block_size),
+                              batches, scope=scope, **kwargs)
 
 
 # --------------------------------------------------------------------------------------

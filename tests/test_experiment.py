@@ -88,10 +88,18 @@ def test_unreadable_data_is_a_clear_error(tiny_model_dir, tmp_path, capsys):
     assert rc == 2 and "missing.jsonl" in out.err
 
 
-def test_resume_after_stop_equals_straight_run_and_masks_are_reused(tiny_model_dir, tmp_path, capsys):
-    straight, split = tmp_path / "straight", tmp_path / "split"
-    rc, _ = _run(_tiny_args(tiny_model_dir, straight), capsys)
+@pytest.fixture(scope="module")
+def straight_run(tiny_model_dir, tmp_path_factory):
+    """An uninterrupted 4-step tiny run (batch 1 x 2 accumulation) on one device."""
+    straight = tmp_path_factory.mktemp("straight") / "run"
+    rc, _ = _run(_tiny_args(tiny_model_dir, straight))
     assert rc == 0
+    return straight
+
+
+def test_resume_after_stop_equals_straight_run_and_masks_are_reused(tiny_model_dir, straight_run, tmp_path,
+                                                                    capsys):
+    straight, split = straight_run, tmp_path / "split"
     s1 = _summary(straight)
     for key in ("model", "data", "method", "trainable_params", "sparsity_scope", "sparsity_total",
                 "mmlu_before", "mmlu_after", "best_step", "wall_time_s", "tokens_per_s"):
@@ -114,14 +122,71 @@ def test_resume_after_stop_equals_straight_run_and_masks_are_reused(tiny_model_d
     assert s2["mmlu_after"] == s1["mmlu_after"]
 
     # a finished run is never overwritten silently
-    rc, out = _run(_tiny_args(tiny_model_dir, straight), capsys)
+    rc, out = _run(_tiny_args(tiny_model_dir, split), capsys)
     assert rc == 2 and "--overwrite" in out.err
 
     # (the resumed run above reused its cached masks;) a different sparsity recomputes and says why
-    rc, out = _run(_tiny_args(tiny_model_dir, straight, "--overwrite", "--max_steps", "1", "--sparsity", "0.5"),
+    rc, out = _run(_tiny_args(tiny_model_dir, split, "--overwrite", "--max_steps", "1", "--sparsity", "0.5"),
                    capsys)
-    assert rc == 0 and _summary(straight)["masks_cached"] is False
+    assert rc == 0 and _summary(split)["masks_cached"] is False
     assert "sparsity" in out.out and "recomputing" in out.out
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_two_host_fsdp_run_resumes_and_matches_one_device(tiny_model_dir, straight_run, tmp_path):
+    """Two jax.distributed processes (one CPU device each, gloo), FSDP across them
+    (mesh data=1 x fsdp=2, each process feeding its own row of every micro-batch), stopped
+    after step 2 and resumed from the multi-host Orbax checkpoint: the same masks and, to
+    float32 summation order, the same losses as the one-device run with the same global
+    batch (2 samples per update there as 1 x 2 accumulation, here as 2 rows x 1)."""
+    from sylva_jax import masks as masks_lib
+
+    out = tmp_path / "mh"
+    script = os.path.join(REPO_ROOT, "experiments", "oasst_mmlu.py")
+    env = dict(os.environ, PYTHONPATH=REPO_ROOT, JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)
+
+    def launch(*extra):
+        coord = f"127.0.0.1:{_free_port()}"
+        args = _tiny_args(tiny_model_dir, out, "--per_device_train_batch_size", "1",
+                          "--gradient_accumulation_steps", "1", "--mesh_fsdp", "2",
+                          "--coordinator", coord, "--num_processes", "2", *extra)
+        procs = [subprocess.Popen([sys.executable, script, *args, "--process_id", str(i)], env=env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                 for i in range(2)]
+        try:
+            logs = [p.communicate(timeout=600)[0] for p in procs]
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+        for p, log in zip(procs, logs):
+            assert p.returncode == 0, log[-4000:]
+        return logs
+
+    launch("--stop_at_step", "2")
+    assert _summary(out)["status"] == "stopped"
+    logs = launch("--resume")
+    s = _summary(out)
+    assert s["status"] == "finished" and s["steps_done"] == 4
+    assert s["mesh"] == {"data": 1, "fsdp": 2, "devices": 2, "processes": 2, "global_batch": 2}
+    assert "resumed from step 2" in logs[0] and "resumed from step 2" in logs[1]
+    ref = _losses(straight_run)
+    got = _losses(out)
+    assert [st for st, _ in got] == [st for st, _ in ref] == [1, 2, 3, 4]
+    np.testing.assert_allclose([l for _, l in got], [l for _, l in ref], rtol=1e-5)
+    m_ref, _ = masks_lib.load_masks(straight_run / "masks" / "masks-sylva.safetensors")
+    m_got, _ = masks_lib.load_masks(out / "masks" / "masks-sylva.safetensors")
+    assert sorted(m_ref) == sorted(m_got)
+    assert all(np.array_equal(m_ref[k], m_got[k]) for k in m_ref)
+    assert (out / "adapter").exists() and (out / "summary.json").exists()
 
 
 @pytest.mark.parametrize("method", ["lora", "full"])

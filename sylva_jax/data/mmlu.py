@@ -515,7 +515,9 @@ def evaluate_mmlu(
     :class:`MMLUEncoded` from :func:`encode_mmlu` (``max_len`` then defaults to its own).
     logits_fn: ``(input_ids [B, T] int32, attention_mask [B, T] int32) -> logits [B, T, V]``
     (NumPy or jax array; only ``logits[b, len_b - 1, choice_ids]`` is read, with array
-    indexing, so a device array is not copied whole). Prompts are right-padded; the answer
+    indexing, so a device array is not copied whole), or ``-> logits [B, V]`` already taken
+    at each row's answer position ``attention_mask[b].sum() - 1`` (what a sharded or
+    multi-host caller computes on device, so only ``[B, V]`` reaches the host). Prompts are right-padded; the answer
     position of row b is its last real token ``len_b - 1``. Questions are sorted by length,
     batched, and each batch padded to ``[batch_size, bucket]`` with ``bucket`` the smallest of
     ``buckets`` (default 32, 64, ..., max_len) that fits: few distinct shapes, few recompiles.
@@ -558,9 +560,13 @@ def evaluate_mmlu(
             ids[r, : lengths[qi]] = encoded[qi]
             mask[r, : lengths[qi]] = 1
         logits = logits_fn(ids, mask)
-        if tuple(logits.shape[:2]) != (batch_size, T):
-            raise ValueError(f"logits_fn returned shape {tuple(logits.shape)}, expected ({batch_size}, {T}, V)")
-        last = logits[np.arange(batch_size), lengths[rows] - 1]          # [B, V]
+        if logits.ndim == 2 and logits.shape[0] == batch_size:
+            last = logits                                                # [B, V] at the answer
+        elif logits.ndim == 3 and tuple(logits.shape[:2]) == (batch_size, T):
+            last = logits[np.arange(batch_size), lengths[rows] - 1]      # [B, V]
+        else:
+            raise ValueError(f"logits_fn returned shape {tuple(logits.shape)}, expected "
+                             f"({batch_size}, {T}, V) or ({batch_size}, V)")
         scores = np.asarray(last[:, choice_ids], dtype=np.float32)       # [B, 4]
         preds[idx] = scores[: len(idx)].argmax(-1)
         if progress is not None:
