@@ -24,6 +24,10 @@ $(STAMP): pyproject.toml requirements-offline.txt
 demo: venv
 	$(VPY) experiments/oasst_mmlu.py $(ARGS)
 
+# two workers, one test file each at a time (module fixtures are built once): the suite is
+# mostly single-threaded XLA compiles, so this halves its wall time on 2 cores
+PYTEST_ARGS ?= -n 2 --dist loadfile
+
 test: venv
 	$(VPY) -m pytest -q $(PYTEST_ARGS)
 

@@ -3,7 +3,14 @@ from __future__ import annotations
 
 import os
 
-import pytest
+# XLA's cheap optimisation level for the whole suite and the subprocesses it starts (they
+# inherit the environment): compiles dominate most tests (tiny models, many distinct
+# programs), and the level changes code generation only, not the HLO the tests inspect.
+# Measured on test_capture + test_checkpoint + test_llama: 20% less CPU time. Set before
+# jax is imported (jax reads it once); an explicit setting in the environment wins.
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
+
+import pytest  # noqa: E402
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_DATA = os.path.join(REPO_ROOT, "..", "shared", "data")

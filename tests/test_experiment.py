@@ -140,12 +140,15 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_two_host_fsdp_run_resumes_and_matches_one_device(tiny_model_dir, straight_run, tmp_path):
+def test_two_host_fsdp_run_matches_one_device(tiny_model_dir, straight_run, tmp_path):
     """Two jax.distributed processes (one CPU device each, gloo), FSDP across them
-    (mesh data=1 x fsdp=2, each process feeding its own row of every micro-batch), stopped
-    after step 2 and resumed from the multi-host Orbax checkpoint: the same masks and, to
-    float32 summation order, the same losses as the one-device run with the same global
-    batch (2 samples per update there as 1 x 2 accumulation, here as 2 rows x 1)."""
+    (mesh data=1 x fsdp=2, each process feeding its own row of every micro-batch): the same
+    masks and, to float32 summation order, the same losses as the one-device run with the
+    same global batch (2 samples per update there as 1 x 2 accumulation, here as 2 rows x 1).
+    The run saves multi-host Orbax checkpoints at steps 2 and 4 and restores the best one for
+    the adapter export, so sharded save and restore across processes run too. (Resume itself
+    is the single-host code path, tested above; a two-process stop-and-resume was checked by
+    hand and ended bit-identical to the one-process mesh run: docs/scaling.md.)"""
     from sylva_jax import masks as masks_lib
 
     out = tmp_path / "mh"
@@ -171,13 +174,12 @@ def test_two_host_fsdp_run_resumes_and_matches_one_device(tiny_model_dir, straig
             assert p.returncode == 0, log[-4000:]
         return logs
 
-    launch("--stop_at_step", "2")
-    assert _summary(out)["status"] == "stopped"
-    logs = launch("--resume")
+    logs = launch()
     s = _summary(out)
     assert s["status"] == "finished" and s["steps_done"] == 4
     assert s["mesh"] == {"data": 1, "fsdp": 2, "devices": 2, "processes": 2, "global_batch": 2}
-    assert "resumed from step 2" in logs[0] and "resumed from step 2" in logs[1]
+    assert "joined a 2-process job" in logs[0] and "joined a 2-process job" in logs[1]
+    assert "adapter (best step" in logs[0]  # restored from the multi-host best checkpoint
     ref = _losses(straight_run)
     got = _losses(out)
     assert [st for st, _ in got] == [st for st, _ in ref] == [1, 2, 3, 4]
