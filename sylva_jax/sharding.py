@@ -202,8 +202,7 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
     """Host (NumPy) leaves that every process holds in full, as arrays replicated on every
     device of ``mesh`` (across processes too: a plain NumPy argument to a computation on a
     multi-process mesh is not enough)."""
-    rep = NamedSharding(mesh, P())
-    return _put(tree, jax.tree.map(lambda _: rep, tree))
+    return put(tree, NamedSharding(mesh, P()))
 
 
 def to_host(tree: Any) -> Any:
