@@ -75,12 +75,21 @@ LR_CENTRE = {"tiles": 1e-3, "lora": 1e-3, "full": 3.2e-5}
 # is the conservative choice for the hypothesis: the rate is tuned for the baseline.
 FAMILY_SWEEP_ARM = "random"
 
+# The full study: every arm of the issue in the main scope `model.layers` (all decoder
+# linears); the hypothesis arms again in `self_attn`. Its cost on the shared 2-core CPU is
+# dominated by tokens, not compiles: a training run is 64 sequences of 256 tokens (fwd+bwd),
+# a held-out evaluation 150 examples (fwd). `sylva_reldamp` (a diagnostic added by the quick
+# study) runs on request only (--arms). Rates: the quick study chose the top of every grid,
+# so the full grids sit half a decade higher (and it trains 8x more sequences).
+FULL_LR_CENTRE = {"tiles": 3.16e-3, "lora": 3.16e-3, "full": 1e-4}
 PRESETS: dict[str, dict[str, Any]] = {
     "full": dict(
-        scopes=["self_attn", "model.layers"], arms=list(ALL_ARMS), sparsity=0.95,
-        curve_sparsities=[0.99, 0.95, 0.9, 0.8], steps=24, batch=4, seeds=3, sweep="arm",
-        lr_points=3, n_heldout=150, n_val=48, heldout_eval=150, curve_n=48, curve_points=3,
-        calib_samples=64, mmlu_limit=500),
+        scopes=["model.layers", "self_attn"],
+        arms=["sylva", "random", "magnitude", "lora", "grad", "fisher", "kfac", "full"],
+        scope_arms={"self_attn": ["sylva", "magnitude", "random", "lora"]}, sparsity=0.95,
+        curve_sparsities=[0.99, 0.95, 0.9, 0.8], curve_scopes=["model.layers"], steps=16, batch=4,
+        seeds=3, sweep="arm", lr_points=3, n_heldout=150, n_val=32, heldout_eval=150, curve_n=48,
+        curve_points=2, calib_samples=32, mmlu_limit=500, lr_centre=dict(FULL_LR_CENTRE)),
     "quick": dict(
         scopes=["self_attn"], arms=list(ALL_ARMS), sparsity=0.95,
         curve_sparsities=[0.95, 0.8], steps=4, batch=2, seeds=1, sweep="family",
@@ -118,6 +127,8 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 
 def settings_for(mode: str, **overrides) -> dict:
     s = {**copy.deepcopy(COMMON), **copy.deepcopy(PRESETS[mode]), "mode": mode}
+    if overrides.get("arms") is not None:  # an explicit arm list applies to every scope
+        s.pop("scope_arms", None)
     for k, v in overrides.items():
         if v is not None:
             s[k] = v
@@ -298,7 +309,8 @@ class Study:
         h = self.eval_loss(self.params, "heldout")
         v = self.eval_loss(self.params, "val")
         self.res["base"] = {"heldout_loss": h["loss"], "val_loss": v["loss"], "curve_loss": self.curve_loss(h),
-                            "eval_s_per_example": h["seconds"] / max(h["n"], 1)}
+                            "eval_s_per_example": h["seconds"] / max(h["n"], 1),  # incl. compiles
+                            "eval_warm_s_per_example": v["seconds"] / max(v["n"], 1)}
         log(f"untuned: held-out {h['loss']:.4f}, val {v['loss']:.4f}")
         self.save()
 
@@ -354,7 +366,7 @@ class Study:
         """Fraction of each arm's kept tiles that the `sylva` mask also keeps (seed 0)."""
         ref = self.masks(scope, "sylva", self.s["sparsity"], 0)
         out = {}
-        for arm in self.s["arms"]:
+        for arm in self.arms_for(scope):
             if arm in TILE_ARMS:
                 m = self.masks(scope, arm, self.s["sparsity"], 0)
                 both = sum(int((m[n] & ref[n]).sum()) for n in ref)
@@ -391,40 +403,57 @@ class Study:
         return int(sum(int(v.sum()) for v in m.values())) * bs * bs
 
     def train_run(self, scope: str, arm: str, lr: float, seed: int, *, sparsity: float,
-                  want_val: bool) -> tuple[dict, Any, Any]:
-        """Train one arm at one rate and seed. Returns (record, eval params, trainable)."""
+                  want_val: bool, snapshots: bool = False, trainers: dict | None = None) -> tuple[dict, dict]:
+        """Train one arm at one rate and seed: the record (train losses, timings, validation
+        loss if ``want_val``, integrity) and the run (final trainable weights on the host,
+        host snapshots at the curve steps if ``snapshots``, and ``to_params``). The held-out
+        set is evaluated later, by :meth:`evaluate_run`, and only for the runs reported
+        (the chosen rate's seeds): a sweep never looks at it. ``trainers`` reuses a compiled
+        step across runs of the same arm and rate (the other seeds)."""
         import jax
         import jax.numpy as jnp
 
-        from sylva_jax import lora as lora_lib
         from sylva_jax.train import make_train_step
 
         s = self.s
         fam = family_of(arm)
         steps = s["steps"]
         warm = min(int(round(s["warmup_frac"] * steps)), steps - 1)
-        kw: dict[str, Any] = dict(learning_rate=lr, schedule="linear", warmup_steps=warm, total_steps=steps)
+        mask_seed = seed if fam == "tiles" and TILE_SPEC[arm][0] == "random" else 0
         rec: dict[str, Any] = {"seed": seed, "lr": lr}
-        adapter = None
-        if fam == "tiles":
-            from sylva_jax.adapter import make_adapter
+        if fam == "lora":
+            rec["lora_rank"] = self.lora_rank(scope, self.tile_count(scope, sparsity))
+        tkey = (scope, arm, sparsity, mask_seed, lr)
+        cached = trainers.get(tkey) if trainers is not None else None
+        rec["reused_compiled_step"] = cached is not None
+        if cached is None:
+            kw: dict[str, Any] = dict(learning_rate=lr, schedule="linear", warmup_steps=warm, total_steps=steps)
+            adapter = None
+            if fam == "tiles":
+                from sylva_jax.adapter import make_adapter
 
-            adapter = make_adapter(self.params, self.masks(scope, arm, sparsity, seed), block_size=s["block_size"])
-            kw.update(method="sylva", adapter=adapter)
-        elif fam == "lora":
-            rank = self.lora_rank(scope, self.tile_count(scope, sparsity))
-            kw.update(method="lora", scope=scope, lora_rank=rank, lora_alpha=2.0 * rank,
-                      lora_dropout=s["lora_dropout"])
-            rec["lora_rank"] = rank
-        else:
-            kw.update(method="full")
-        trainer = make_train_step(self.graphdef, **kw)
+                adapter = make_adapter(self.params, self.masks(scope, arm, sparsity, mask_seed),
+                                       block_size=s["block_size"])
+                kw.update(method="sylva", adapter=adapter)
+            elif fam == "lora":
+                rank = rec["lora_rank"]
+                kw.update(method="lora", scope=scope, lora_rank=rank, lora_alpha=2.0 * rank,
+                          lora_dropout=s["lora_dropout"])
+            else:
+                kw.update(method="full")
+            cached = (make_train_step(self.graphdef, **kw), adapter)
+            if trainers is not None:
+                trainers[tkey] = cached
+        trainer, adapter = cached
         state = trainer.init(jax.tree.map(jnp.copy, self.params), seed=seed)
         rec["trainable_params"] = int(trainer.num_trainable)
         rec["opt_state_bytes"] = int(sum(x.nbytes for x in jax.tree.leaves(state.opt_state)))
-        curve_at = set(int(round(steps * (i + 1) / (s["curve_points"] + 1))) for i in range(s["curve_points"]))
-        curve_at.discard(steps)
-        curve, losses, eval_s, step_times = [], [], 0.0, []
+
+        def trainable_of(st):
+            return adapter.tiles(st.params) if fam == "tiles" else st.extras if fam == "lora" else st.params
+
+        snap_at = self.curve_steps() if snapshots else set()
+        snaps, losses, step_times = [], [], []
         t0 = time.perf_counter()
         for i, batch in enumerate(self.train_batches(seed)):
             ts = time.perf_counter()
@@ -434,32 +463,56 @@ class Study:
             if not math.isfinite(loss):
                 raise FloatingPointError(f"{scope}/{arm} lr {lr} seed {seed}: loss {loss} at step {i + 1}")
             losses.append(loss)
-            if i + 1 in curve_at:
-                ev = self.eval_loss(self._eval_params(state, fam), "curve")
-                curve.append([i + 1, ev["loss"]])
-                eval_s += ev["seconds"]
-        train_s = time.perf_counter() - t0 - eval_s
-        params = self._eval_params(state, fam)
-        h = self.eval_loss(params, "heldout")
-        eval_s += h["seconds"]
-        curve = [[0, self.res["base"]["curve_loss"]]] + curve + [[steps, self.curve_loss(h)]]
-        rec.update(heldout_loss=h["loss"], train_losses=losses, curve=curve, train_s=train_s,
-                   first_step_s=step_times[0], step_s_median=float(np.median(step_times[1:] or step_times)),
-                   sequences=steps * s["batch"], tokens=int(sum(int(b["attention_mask"].sum()) for b in self.train_batches(seed))))
+            if i + 1 in snap_at:  # a host copy: the next step donates (reuses) these buffers
+                snaps.append((i + 1, jax.tree.map(lambda x: np.array(x, copy=True), trainable_of(state))))
+        train_s = time.perf_counter() - t0
+        rec.update(train_losses=losses, train_s=train_s, first_step_s=step_times[0],
+                   step_s_median=float(np.median(step_times[1:] or step_times)), sequences=steps * s["batch"],
+                   tokens=int(sum(int(b["attention_mask"].sum()) for b in self.train_batches(seed))))
+        eval_s = 0.0
         if want_val:
-            v = self.eval_loss(params, "val")
+            v = self.eval_loss(self._eval_params(state, fam), "val")
             eval_s += v["seconds"]
             rec["val_loss"] = v["loss"]
         rec["eval_s"] = eval_s
         rec["integrity"] = self._integrity(state, fam, adapter)
-        trainable = (adapter.tiles(state.params) if fam == "tiles" else
-                     state.extras if fam == "lora" else state.params)
-        trainable = jax.tree.map(np.asarray, trainable)
-        log(f"  {self.arm_key(scope, arm, sparsity)} lr {lr:.3g} seed {seed}: train loss {losses[0]:.4f} -> {losses[-1]:.4f}, "
-            f"held-out {h['loss']:.4f}" + (f", val {rec['val_loss']:.4f}" if want_val else "")
+        trainable = jax.tree.map(np.asarray, trainable_of(state))
+        log(f"  {self.arm_key(scope, arm, sparsity)} lr {lr:.3g} seed {seed}: train loss {losses[0]:.4f} -> "
+            f"{losses[-1]:.4f}" + (f", val {rec['val_loss']:.4f}" if want_val else "")
             + f" ({train_s:.0f} s train, {eval_s:.0f} s eval)")
         del state
-        return rec, params, trainable
+        return rec, {"trainable": trainable, "snaps": snaps,
+                     "to_params": lambda tr: self._params_from(fam, adapter, tr)}
+
+    def curve_steps(self) -> set[int]:
+        s = self.s
+        at = set(int(round(s["steps"] * (i + 1) / (s["curve_points"] + 1))) for i in range(s["curve_points"]))
+        return at - {0, s["steps"]}
+
+    def evaluate_run(self, rec: dict, run: dict) -> None:
+        """Held-out loss of a reported run, and its curve: the untuned loss at step 0, the
+        snapshots (if kept) and the end, on the first ``curve_n`` held-out examples."""
+        t0 = time.perf_counter()
+        h = self.eval_loss(run["to_params"](run["trainable"]), "heldout")
+        curve = [[0, self.res["base"]["curve_loss"]]]
+        for step, tr in run["snaps"]:
+            curve.append([step, self.eval_loss(run["to_params"](tr), "curve")["loss"]])
+        curve.append([self.s["steps"], self.curve_loss(h)])
+        rec.update(heldout_loss=h["loss"], curve=curve)
+        rec["eval_s"] = rec.get("eval_s", 0.0) + time.perf_counter() - t0
+
+    def _params_from(self, fam: str, adapter, trainable):
+        """The model parameters (device) given a run's trainable weights (host)."""
+        import jax
+
+        from sylva_jax.lora import merge_lora
+
+        tr = jax.device_put(trainable)
+        if fam == "tiles":
+            return adapter.set_tiles(self.params, tr)
+        if fam == "lora":
+            return merge_lora(self.params, tr)
+        return tr
 
     def _eval_params(self, state, fam):
         if fam == "lora":
@@ -496,6 +549,10 @@ class Study:
         return rec
 
     # ------------------------------------------------------------------ one arm
+    def arms_for(self, scope: str) -> list[str]:
+        """The arms run in ``scope``: ``scope_arms[scope]`` if set, else every arm."""
+        return list(self.s.get("scope_arms", {}).get(scope, self.s["arms"]))
+
     def arm_key(self, scope: str, arm: str, sparsity: float | None = None) -> str:
         scope_part = "any" if arm == "full" else scope
         tail = "" if sparsity is None or sparsity == self.s["sparsity"] else f"@{sparsity:g}"
@@ -511,7 +568,7 @@ class Study:
         return None
 
     def run_arm(self, scope: str, arm: str, *, sparsity: float | None = None, lr: float | None = None,
-                seeds: int | None = None) -> None:
+                seeds: int | None = None, curves: bool = True) -> None:
         s = self.s
         key = self.arm_key(scope, arm, sparsity)
         if key in self.res["arms"]:
@@ -524,30 +581,39 @@ class Study:
         t0 = time.perf_counter()
         if lr is None:
             lr = self.chosen_lr(scope, arm)
-        sweep = []
-        keep = {}
+        sweep, trainers = [], {}
+        want_snaps = curves and s["curve_points"] > 0
         if lr is None:  # the sweep on the validation slice (seed 0)
             grid = lr_grid(s["lr_centre"][fam], s["lr_points"])
+            best_run = None
             for g in grid:
-                rec, params, trainable = self.train_run(scope, arm, g, 0, sparsity=sparsity, want_val=True)
+                rec, run = self.train_run(scope, arm, g, 0, sparsity=sparsity, want_val=True,
+                                          snapshots=want_snaps, trainers=trainers)
                 sweep.append(rec)
-                keep[g] = trainable
-                del params
-            best = min(sweep, key=lambda r: r["val_loss"])
-            lr, runs = best["lr"], [best]
+                if best_run is None or rec["val_loss"] < best_run[0]["val_loss"]:
+                    best_run = (rec, run)  # only the best so far stays in memory
+                del run
+            (best, run0) = best_run
+            lr = best["lr"]
             chosen_by = "validation sweep"
             edge = len(grid) > 1 and lr in (grid[0], grid[-1])
         else:
-            rec, params, trainable = self.train_run(scope, arm, lr, 0, sparsity=sparsity, want_val=True)
-            del params
-            runs, keep[lr], grid, edge = [rec], trainable, None, None
+            best, run0 = self.train_run(scope, arm, lr, 0, sparsity=sparsity, want_val=True,
+                                        snapshots=want_snaps, trainers=trainers)
+            grid, edge = None, None
             chosen_by = f"{FAMILY_SWEEP_ARM}'s validation sweep" if self.chosen_lr(scope, arm) else "given"
+        # only the chosen rate's runs see the held-out set
+        self.evaluate_run(best, run0)
+        runs, kept = [best], run0["trainable"]
+        del run0
         for seed in range(1, seeds):
-            rec, params, _ = self.train_run(scope, arm, lr, seed, sparsity=sparsity, want_val=False)
-            del params
+            rec, run = self.train_run(scope, arm, lr, seed, sparsity=sparsity, want_val=False, trainers=trainers)
+            self.evaluate_run(rec, run)
             runs.append(rec)
+            del run
+        del trainers
         np.savez(self.cache / f"{key.replace('/', '__')}.npz",
-                 **{f"leaf{i}": x for i, x in enumerate(_leaves(keep[lr]))})
+                 **{f"leaf{i}": x for i, x in enumerate(_leaves(kept))})
         hl = np.array([r["heldout_loss"] for r in runs])
         base = self.res["base"]["heldout_loss"]
         self.res["arms"][key] = {
@@ -556,7 +622,7 @@ class Study:
             "mask": ({"method": TILE_SPEC[arm][0], "damping": TILE_SPEC[arm][1],
                       "relative_damping": TILE_SPEC[arm][2]} if fam == "tiles" else None),
             "lr_grid": grid, "lr": lr, "best_lr": lr, "lr_chosen_by": chosen_by, "best_lr_at_grid_edge": edge,
-            "sweep": [{k: r[k] for k in ("lr", "val_loss", "heldout_loss", "train_losses", "train_s", "eval_s",
+            "sweep": [{k: r[k] for k in ("lr", "val_loss", "train_losses", "train_s", "eval_s",
                                          "first_step_s", "step_s_median")} for r in sweep],
             "runs": runs, "val_loss": runs[0]["val_loss"],
             "heldout_mean": float(hl.mean()), "heldout_std": float(hl.std(ddof=1)) if len(hl) > 1 else None,
@@ -626,7 +692,7 @@ class Study:
         self.base()
         s = self.s
         for si, scope in enumerate(s["scopes"]):
-            order = [a for a in s["arms"] if a != "full"]
+            order = [a for a in self.arms_for(scope) if a != "full"]
             if s["sweep"] == "family" and FAMILY_SWEEP_ARM in order:
                 order.remove(FAMILY_SWEEP_ARM)
                 order.insert(0, FAMILY_SWEEP_ARM)
@@ -634,8 +700,10 @@ class Study:
                 self.run_arm(scope, arm)
             if "full" in s["arms"] and si == 0:
                 self.run_arm(scope, "full")
-            if any(a in TILE_ARMS for a in s["arms"]) and "sylva" in s["arms"]:
+            if any(a in TILE_ARMS for a in self.arms_for(scope)) and "sylva" in self.arms_for(scope):
                 self.mask_overlaps(scope)
+            if s.get("curve_scopes") is not None and scope not in s["curve_scopes"]:
+                continue
             # loss vs trainable parameters: sylva at other sparsities, LoRA at matching ranks,
             # at each family's chosen rate, first seed only
             for sp in s["curve_sparsities"]:
@@ -644,7 +712,7 @@ class Study:
                 for arm in ("sylva", "lora"):
                     main = self.res["arms"].get(self.arm_key(scope, arm))
                     if main is not None:
-                        self.run_arm(scope, arm, sparsity=sp, lr=main["best_lr"], seeds=1)
+                        self.run_arm(scope, arm, sparsity=sp, lr=main["best_lr"], seeds=1, curves=False)
             self.save()
         self.mmlu()
         self.res["stages"]["this_session_s"] = time.perf_counter() - t0
@@ -663,8 +731,10 @@ class Study:
             rr = [r for f, r in runs if f == fam]
             if rr:
                 unit[fam] = {"s_per_sequence": float(np.median([r["step_s_median"] / self.s["batch"] for r in rr])),
-                             "compile_s": float(np.median([max(r["first_step_s"] - r["step_s_median"], 0) for r in rr]))}
-        unit["eval_s_per_example"] = self.res["base"]["eval_s_per_example"]
+                             "compile_s": float(np.median([max(r["first_step_s"] - r["step_s_median"], 0) for r in rr
+                                                           if not r.get("reused_compiled_step")] or [0.0]))}
+        b = self.res["base"]
+        unit["eval_s_per_example"] = b.get("eval_warm_s_per_example", b["eval_s_per_example"])
         cal = [c["seconds"] / max(c["num_samples"], 1) for c in self.res.get("calibration", {}).values()]
         unit["calib_s_per_sample"] = float(np.mean(cal)) if cal else None
         out = {"unit_costs": unit, "loadavg_at_end": os.getloadavg()}
@@ -700,12 +770,11 @@ class Study:
             for key, a in arms.items():
                 if "@" in key or (a["scope"] not in (scope, None)):
                     continue
-                curves = np.array([[p[1] for p in r["curve"]] for r in a["runs"]])
-                steps = [p[0] for p in a["runs"][0]["curve"]]
-                ax.plot(steps, curves.mean(0), marker="o", label=f"{a['arm']} (lr {a['best_lr']:.2g})",
+                curve = a["runs"][0]["curve"]  # seed 0: the only run with snapshots
+                ax.plot([p[0] for p in curve], [p[1] for p in curve], marker="o", label=f"{a['arm']} (lr {a['best_lr']:.2g})",
                         linestyle="--" if a["family"] != "tiles" else "-")
             ax.set_xlabel("optimizer step")
-            ax.set_ylabel(f"held-out loss (first {self.curve_n} held-out examples)")
+            ax.set_ylabel(f"held-out loss (first {self.curve_n} held-out examples, seed 0)")
             ax.set_title(f"scope {scope}")
             ax.legend(fontsize=7)
         fig.tight_layout()
@@ -748,24 +817,30 @@ def _negative_fraction(invs: dict) -> float:
 
 
 def estimate_hours(full: dict, unit: dict, mmlu: dict | None) -> float:
-    """Wall time of the study ``full`` from unit costs measured in this session."""
+    """Wall time of the study ``full`` from unit costs measured in this session: per arm, a
+    compile per swept rate (and per random mask), the training sequences of every run, the
+    validation slice per swept rate, the held-out set per seed and the curve snapshots."""
     ev = unit["eval_s_per_example"]
-    total = 0.0
-    n_tile = len([a for a in full["arms"] if a in TILE_ARMS])
-    for si, _scope in enumerate(full["scopes"]):
-        arms = [a for a in full["arms"] if a != "full" or si == 0]
+    total = ev * (full["heldout_eval"] + full["n_val"])  # the untuned model
+    for si, scope in enumerate(full["scopes"]):
+        arms = full.get("scope_arms", {}).get(scope, full["arms"])
+        arms = [a for a in arms if a != "full"] + (["full"] if si == 0 and "full" in full["arms"] else [])
         for arm in arms:
             fam = family_of(arm)
             sweep = full["lr_points"] if (full["sweep"] == "arm" or arm in ("lora", "full", FAMILY_SWEEP_ARM)) else 1
-            n_runs = sweep + full["seeds"] - 1
-            per_run = (unit[fam]["compile_s"] + full["steps"] * full["batch"] * unit[fam]["s_per_sequence"]
-                       + ev * (full["heldout_eval"] + full["curve_points"] * full["curve_n"]))
-            total += n_runs * per_run + sweep * ev * full["n_val"]
-        extra = len([sp for sp in full["curve_sparsities"] if sp != full["sparsity"]])
-        for fam in ("tiles", "lora"):
-            total += extra * (unit[fam]["compile_s"] + full["steps"] * full["batch"] * unit[fam]["s_per_sequence"]
-                              + ev * (full["heldout_eval"] + full["n_val"]))
-        total += (unit["calib_s_per_sample"] or 0) * full["calib_samples"] * (1 if n_tile else 0)
+            compiles = sweep + (full["seeds"] - 1 if arm == "random" else 0)
+            trains = sweep + full["seeds"] - 1
+            total += (compiles * unit[fam]["compile_s"]
+                      + trains * full["steps"] * full["batch"] * unit[fam]["s_per_sequence"]
+                      + ev * (sweep * full["n_val"] + full["seeds"] * full["heldout_eval"]
+                              + full["curve_points"] * full["curve_n"]))
+        if full.get("curve_scopes") is None or scope in full["curve_scopes"]:
+            extra = len([sp for sp in full["curve_sparsities"] if sp != full["sparsity"]])
+            for fam in ("tiles", "lora"):
+                total += extra * (unit[fam]["compile_s"] + full["steps"] * full["batch"] * unit[fam]["s_per_sequence"]
+                                  + ev * (full["heldout_eval"] + full["n_val"]))
+        if any(a in TILE_ARMS for a in arms):
+            total += (unit["calib_s_per_sample"] or 0) * full["calib_samples"]
     if mmlu:
         per_q = mmlu["seconds"] / (mmlu["n"] * (1 + len(mmlu["after"])))
         total += per_q * full["mmlu_limit"] * 4
