@@ -718,6 +718,7 @@ class Study:
         self.res["stages"]["this_session_s"] = time.perf_counter() - t0
         self.res["timing"] = self.timing()
         self.res["table"] = self.table()
+        self.res["comparisons"] = comparisons(self.res)
         self.save()
         self.plots()
         return self.res
@@ -866,6 +867,62 @@ def print_table(res: dict) -> None:
               + ", ".join(f"{f} {r['macro']:.4f}" for f, r in m["after"].items()))
 
 
+def comparisons(res: dict, ref: str = "sylva") -> dict:
+    """Per scope, ``ref`` against every other arm at the main sparsity: the held-out loss
+    difference (ref - other; negative: ref is better) per seed (paired: a seed fixes the
+    data order), its mean, and the larger of the two arms' seed standard deviations. The
+    hypothesis asks for ``|mean| > spread``."""
+    out: dict[str, dict] = {}
+    arms = res["arms"]
+    for key, a in arms.items():
+        if a["arm"] != ref or "@" in key:
+            continue
+        scope = a["scope"]
+        mine = [r["heldout_loss"] for r in a["runs"]]
+        for okey, o in arms.items():
+            if okey == key or "@" in okey or o["scope"] not in (scope, None):
+                continue
+            theirs = [r["heldout_loss"] for r in o["runs"]]
+            n = min(len(mine), len(theirs))
+            diff = np.array(mine[:n]) - np.array(theirs[:n])
+            spread = max(a["heldout_std"] or 0.0, o["heldout_std"] or 0.0)
+            out.setdefault(scope, {})[o["arm"]] = {
+                "diff_per_seed": diff.tolist(), "diff_mean": float(diff.mean()),
+                "seed_spread": spread if n > 1 else None,
+                "beyond_spread": bool(abs(diff.mean()) > spread) if n > 1 else None,
+                "ref_better_every_seed": bool((diff < 0).all())}
+    return out
+
+
+def report_markdown(res: dict) -> str:
+    """The README / docs table of a (possibly unfinished) study, one row per finished arm."""
+    base = res["base"]["heldout_loss"]
+    lines = [f"untuned held-out loss {base:.4f}; arms finished: {len(res['arms'])}", "",
+             "| arm | lr (grid edge?) | held-out loss, mean +- std (seeds) | vs untuned | trainable | optimizer state | train s (all runs) | wall s |",
+             "|---|---|---|---|---|---|---|---|"]
+    rows = sorted(res["arms"].items(), key=lambda kv: ("@" in kv[0], kv[1]["scope"] or "", kv[1]["heldout_mean"]))
+    for key, a in rows:
+        std = f" +- {a['heldout_std']:.4f}" if a["heldout_std"] is not None else ""
+        edge = " (edge)" if a.get("best_lr_at_grid_edge") else ""
+        rank = f", rank {a['lora_rank']}" if a.get("lora_rank") else ""
+        lines.append(f"| {key}{rank} | {a['best_lr']:.2g}{edge} | {a['heldout_mean']:.4f}{std} ({len(a['runs'])}) | "
+                     f"{-a['improvement']:+.4f} | {a['trainable_params']:,} | {a['opt_state_bytes'] / 2**20:.1f} MiB | "
+                     f"{a['train_s_total']:.0f} | {a['wall_s']:.0f} |")
+    comp = comparisons(res)
+    for scope, c in comp.items():
+        lines += ["", f"sylva - other, held-out loss per seed ({scope}; negative: sylva better):", "",
+                  "| other | per seed | mean | seed spread | beyond spread |", "|---|---|---|---|---|"]
+        for arm, d in sorted(c.items(), key=lambda kv: kv[1]["diff_mean"]):
+            lines.append(f"| {arm} | {', '.join(f'{x:+.4f}' for x in d['diff_per_seed'])} | {d['diff_mean']:+.4f} | "
+                         + (f"{d['seed_spread']:.4f} | {'yes' if d['beyond_spread'] else 'no'} |"
+                            if d["seed_spread"] is not None else "- | - |"))
+    if "mmlu" in res:
+        m = res["mmlu"]
+        lines += ["", f"MMLU ({m['n']} q, {m['shots']}-shot, macro): before {m['before']['macro']:.4f}; after: "
+                  + ", ".join(f"{f} ({r['arm']}) {r['macro']:.4f}" for f, r in m["after"].items())]
+    return "\n".join(lines)
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -887,12 +944,18 @@ def main(argv=None) -> dict:
     ap.add_argument("--calib_samples", type=int)
     ap.add_argument("--estimate_only", action="store_true",
                     help="print the full study's estimate from an existing quick result and exit")
+    ap.add_argument("--report", action="store_true",
+                    help="print the markdown tables of an existing (possibly unfinished) results file and exit")
     a = ap.parse_args(argv)
     mode = "quick" if a.quick else "full"
     s = settings_for(mode, data=a.data, model=a.model, scopes=a.scopes, arms=a.arms, steps=a.steps,
                      batch=a.batch, seeds=a.seeds, sweep=a.sweep, mmlu_limit=a.mmlu_limit,
                      calib_samples=a.calib_samples)
     out = Path(a.out) if a.out else RESULTS / ("quality.json" if a.quick else "quality_full.json")
+    if a.report:
+        res = json.loads(out.read_text())
+        print(report_markdown(res))
+        return res
     if a.estimate_only:
         res = json.loads(out.read_text())
         print(f"full study estimate: {estimate_hours(settings_for('full'), res['timing']['unit_costs'], res.get('mmlu')):.1f} h")

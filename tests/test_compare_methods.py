@@ -188,3 +188,31 @@ def test_full_preset_estimate_counts_the_work():
     assert cm.estimate_hours({**full, "scope_arms": {}}, unit, None) > h
     # an explicit --arms applies to every scope
     assert "scope_arms" not in cm.settings_for("full", arms=["sylva", "lora"])
+
+
+def test_comparisons_and_report_on_a_synthetic_result():
+    """The hypothesis check pairs seeds and compares the mean gap with the larger seed spread."""
+    cm = _module()
+
+    def arm(name, losses, scope="model.layers"):
+        hl = np.array(losses)
+        return {"scope": scope, "arm": name, "family": "tiles", "runs": [{"heldout_loss": x} for x in losses],
+                "heldout_mean": float(hl.mean()), "heldout_std": float(hl.std(ddof=1)), "improvement": 2.0 - hl.mean(),
+                "best_lr": 1e-3, "best_lr_at_grid_edge": False, "lora_rank": None, "trainable_params": 10,
+                "opt_state_bytes": 80, "train_s_total": 1.0, "wall_s": 2.0}
+
+    res = {"base": {"heldout_loss": 2.0}, "arms": {
+        "model.layers/sylva": arm("sylva", [1.50, 1.52, 1.51]),
+        "model.layers/random": arm("random", [1.56, 1.57, 1.55]),      # worse by 0.05 >> spread 0.01
+        "model.layers/grad": arm("grad", [1.49, 1.53, 1.52]),          # mixed, within spread
+        "self_attn/random": arm("random", [1.0, 1.0, 1.0], "self_attn"),  # other scope: not compared
+    }}
+    c = cm.comparisons(res)
+    assert set(c) == {"model.layers"} and set(c["model.layers"]) == {"random", "grad"}
+    r, g = c["model.layers"]["random"], c["model.layers"]["grad"]
+    assert r["diff_per_seed"] == pytest.approx([-0.06, -0.05, -0.04])
+    assert r["diff_mean"] == pytest.approx(-0.05) and r["seed_spread"] == pytest.approx(0.01)
+    assert r["beyond_spread"] and r["ref_better_every_seed"]
+    assert not g["beyond_spread"] and not g["ref_better_every_seed"]
+    md = cm.report_markdown(res)
+    assert "| model.layers/sylva |" in md and "| random | -0.0600, -0.0500, -0.0400 | -0.0500 | 0.0100 | yes |" in md
