@@ -79,9 +79,11 @@ FAMILY_SWEEP_ARM = "random"
 # linears); the hypothesis arms again in `self_attn`. Its cost on the shared 2-core CPU is
 # dominated by tokens, not compiles: a training run is 64 sequences of 256 tokens (fwd+bwd),
 # a held-out evaluation 150 examples (fwd). `sylva_reldamp` (a diagnostic added by the quick
-# study) runs on request only (--arms). Rates: the quick study chose the top of every grid,
-# so the full grids sit half a decade higher (and it trains 8x more sequences).
-FULL_LR_CENTRE = {"tiles": 3.16e-3, "lora": 3.16e-3, "full": 1e-4}
+# study) runs on request only (--arms). Rates: the quick study (4 updates) chose the top of
+# every grid, so LoRA's and full fine-tuning's grids sit half a decade higher; the tiles'
+# stays (a first full-study sweep in model.layers, 5x more tiles, preferred 1e-3 to 3.2e-3
+# and 1e-2). A best rate on the edge of its grid extends the grid (lr_extend).
+FULL_LR_CENTRE = {"tiles": 1e-3, "lora": 3.16e-3, "full": 1e-4}
 PRESETS: dict[str, dict[str, Any]] = {
     "full": dict(
         scopes=["model.layers", "self_attn"],
@@ -89,7 +91,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         scope_arms={"self_attn": ["sylva", "magnitude", "random", "lora"]}, sparsity=0.95,
         curve_sparsities=[0.99, 0.95, 0.9, 0.8], curve_scopes=["model.layers"], steps=16, batch=4,
         seeds=3, sweep="arm", lr_points=3, n_heldout=150, n_val=32, heldout_eval=150, curve_n=48,
-        curve_points=2, calib_samples=32, mmlu_limit=500, lr_centre=dict(FULL_LR_CENTRE)),
+        curve_points=2, calib_samples=32, mmlu_limit=500, lr_centre=dict(FULL_LR_CENTRE), lr_extend=2),
     "quick": dict(
         scopes=["self_attn"], arms=list(ALL_ARMS), sparsity=0.95,
         curve_sparsities=[0.95, 0.8], steps=4, batch=2, seeds=1, sweep="family",
@@ -585,22 +587,31 @@ class Study:
         want_snaps = curves and s["curve_points"] > 0
         if lr is None:  # the sweep on the validation slice (seed 0)
             grid = lr_grid(s["lr_centre"][fam], s["lr_points"])
-            best_run = None
-            for g in grid:
-                rec, run = self.train_run(scope, arm, g, 0, sparsity=sparsity, want_val=True,
-                                          snapshots=want_snaps, trainers=trainers)
-                sweep.append(rec)
-                if best_run is None or rec["val_loss"] < best_run[0]["val_loss"]:
-                    best_run = (rec, run)  # only the best so far stays in memory
-                del run
+            todo, best_run, extended = list(grid), None, 0
+            while todo:
+                for g in todo:
+                    rec, run = self.train_run(scope, arm, g, 0, sparsity=sparsity, want_val=True,
+                                              snapshots=want_snaps, trainers=trainers)
+                    sweep.append(rec)
+                    if best_run is None or rec["val_loss"] < best_run[0]["val_loss"]:
+                        best_run = (rec, run)  # only the best so far stays in memory
+                    del run
+                todo = []
+                # a best rate on the edge of the grid did not bracket the optimum: extend
+                # the grid half a decade beyond that edge (at most lr_extend times)
+                lr = best_run[0]["lr"]
+                if len(grid) > 1 and lr in (grid[0], grid[-1]) and extended < s.get("lr_extend", 0):
+                    g = float(f"{lr * 10 ** (-0.5 if lr == grid[0] else 0.5):.3g}")
+                    grid = sorted(grid + [g])
+                    todo, extended = [g], extended + 1
+                    log(f"{key}: best rate {lr:.3g} on the edge of the grid; extending to {g:.3g}")
             (best, run0) = best_run
-            lr = best["lr"]
-            chosen_by = "validation sweep"
+            chosen_by = "validation sweep" + (f" (grid extended {extended}x)" if extended else "")
             edge = len(grid) > 1 and lr in (grid[0], grid[-1])
         else:
             best, run0 = self.train_run(scope, arm, lr, 0, sparsity=sparsity, want_val=True,
                                         snapshots=want_snaps, trainers=trainers)
-            grid, edge = None, None
+            grid, edge, extended = None, None, 0
             chosen_by = f"{FAMILY_SWEEP_ARM}'s validation sweep" if self.chosen_lr(scope, arm) else "given"
         # only the chosen rate's runs see the held-out set
         self.evaluate_run(best, run0)
@@ -621,7 +632,7 @@ class Study:
             "sparsity": sparsity if fam != "full" else None,
             "mask": ({"method": TILE_SPEC[arm][0], "damping": TILE_SPEC[arm][1],
                       "relative_damping": TILE_SPEC[arm][2]} if fam == "tiles" else None),
-            "lr_grid": grid, "lr": lr, "best_lr": lr, "lr_chosen_by": chosen_by, "best_lr_at_grid_edge": edge,
+            "lr_grid": grid, "lr_extended": extended if grid else None, "lr": lr, "best_lr": lr, "lr_chosen_by": chosen_by, "best_lr_at_grid_edge": edge,
             "sweep": [{k: r[k] for k in ("lr", "val_loss", "train_losses", "train_s", "eval_s",
                                          "first_step_s", "step_s_median")} for r in sweep],
             "runs": runs, "val_loss": runs[0]["val_loss"],

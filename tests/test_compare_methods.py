@@ -70,7 +70,7 @@ def _settings(cm, data):
         "quick", data=str(data), scopes=["self_attn"], arms=list(ARMS), max_len=32, block_size=BS,
         num_partition=2, n_heldout=8, n_val=6, heldout_eval=8, curve_n=4, curve_points=1, steps=3, batch=2,
         seeds=1, sweep="family", lr_points=2, calib_samples=4, curve_sparsities=[0.75, 0.5], sparsity=0.75,
-        mmlu_limit=0, eval_batch=4, lr_centre={"tiles": 3e-2, "lora": 3e-2, "full": 1e-2})
+        mmlu_limit=0, eval_batch=4, lr_centre={"tiles": 3e-2, "lora": 3e-2, "full": 1e-2}, lr_extend=1)
 
 
 def test_study_structure_training_split_and_resume(tmp_path, fast_compiles):
@@ -117,7 +117,11 @@ def test_study_structure_training_split_and_resume(tmp_path, fast_compiles):
     # sweeps: the representative / lora / full sweep two rates; the chosen rate has the best val loss
     for key in ("self_attn/random", "self_attn/lora", "any/full"):
         a = res["arms"][key]
-        assert [r["lr"] for r in a["sweep"]] == a["lr_grid"] and len(a["lr_grid"]) == 2
+        # a 2-point grid always has its best on an edge: it is extended once, beyond that edge
+        first, extra = [r["lr"] for r in a["sweep"][:2]], a["sweep"][2]["lr"]
+        assert a["lr_extended"] == 1 and len(a["sweep"]) == 3 and a["lr_grid"] == sorted(first + [extra])
+        best2 = min(a["sweep"][:2], key=lambda r: r["val_loss"])["lr"]
+        assert extra == pytest.approx(best2 * (10 ** 0.5 if best2 == max(first) else 10 ** -0.5), rel=1e-2)
         assert a["best_lr"] == min(a["sweep"], key=lambda r: r["val_loss"])["lr"]
         # the sweep never looks at the held-out set; the chosen run is the reported seed 0
         assert all("heldout_loss" not in r for r in a["sweep"])
