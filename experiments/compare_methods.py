@@ -57,18 +57,21 @@ sys.path.insert(0, str(REPO))
 DEFAULT_DATA = str(REPO.parent / "shared" / "data" / "instruct" / "alpaca_en_demo.json")
 RESULTS = REPO / "experiments" / "results"
 
-TILE_ARMS = ("sylva", "sylva_reldamp", "kfac", "fisher", "grad", "magnitude", "random")
+TILE_ARMS = ("sylva", "sylva_reldamp", "sylva_spread", "kfac", "fisher", "grad", "magnitude", "random")
 ALL_ARMS = TILE_ARMS + ("lora", "full")
 # mask method and inverse-curvature damping (value, relative?) of each tile arm
 TILE_SPEC = {
     "sylva": ("sylva", 1e-6, False),          # ALGORITHM.md default
     "sylva_reldamp": ("sylva", 0.1, True),    # relative damping: no indefinite HODLR inverse
+    "sylva_spread": ("sylva", 1e-6, False),   # sylva's scores, tiles spread over rows/columns
     "kfac": ("kfac", 1e-6, False),
     "fisher": ("fisher", 1e-6, False),
     "grad": ("grad", 1e-6, False),
     "magnitude": ("magnitude", 1e-6, False),
     "random": ("random", 1e-6, False),
 }
+# arms whose top-k is capped per row and column of tiles (importance.spread_topk_mask)
+SPREAD_ARMS = ("sylva_spread",)
 # centre of each family's log-spaced learning-rate grid (grid = centre * 10^{-1/2, 0, 1/2})
 LR_CENTRE = {"tiles": 1e-3, "lora": 1e-3, "full": 3.2e-5}
 # with --sweep family, the arm whose sweep sets the rate of the whole tile family. `random`
@@ -78,8 +81,9 @@ FAMILY_SWEEP_ARM = "random"
 # The full study: every arm of the issue in the main scope `model.layers` (all decoder
 # linears); the hypothesis arms again in `self_attn`. Its cost on the shared 2-core CPU is
 # dominated by tokens, not compiles: a training run is 64 sequences of 256 tokens (fwd+bwd),
-# a held-out evaluation 150 examples (fwd). `sylva_reldamp` (a diagnostic added by the quick
-# study) runs on request only (--arms). Rates: the quick study (4 updates) chose the top of
+# a held-out evaluation 150 examples (fwd). `sylva_spread` tests why `random` beat `sylva`
+# in model.layers (sylva's outer-product scores put the kept tiles in a few input columns);
+# `sylva_reldamp` (a diagnostic of the quick study) runs on request only (--arms). Rates: the quick study (4 updates) chose the top of
 # every grid, so LoRA's and full fine-tuning's grids sit half a decade higher; the tiles'
 # stays (a first full-study sweep in model.layers, 5x more tiles, preferred 1e-3 to 3.2e-3
 # and 1e-2). A best rate on the edge of its grid extends the grid (lr_extend).
@@ -87,8 +91,8 @@ FULL_LR_CENTRE = {"tiles": 1e-3, "lora": 3.16e-3, "full": 1e-4}
 PRESETS: dict[str, dict[str, Any]] = {
     "full": dict(
         scopes=["model.layers", "self_attn"],
-        arms=["sylva", "random", "magnitude", "lora", "grad", "fisher", "kfac", "full"],
-        scope_arms={"self_attn": ["sylva", "magnitude", "random", "lora"]}, sparsity=0.95,
+        arms=["sylva", "random", "magnitude", "sylva_spread", "lora", "grad", "fisher", "kfac", "full"],
+        scope_arms={"self_attn": ["sylva", "random", "lora"]}, sparsity=0.95,
         curve_sparsities=[0.99, 0.95, 0.9, 0.8], curve_scopes=["model.layers"], steps=16, batch=4,
         seeds=3, sweep="arm", lr_points=3, n_heldout=150, n_val=32, heldout_eval=150, curve_n=48,
         curve_points=2, calib_samples=32, mmlu_limit=500, lr_centre=dict(FULL_LR_CENTRE), lr_extend=2),
@@ -137,8 +141,19 @@ def settings_for(mode: str, **overrides) -> dict:
     return s
 
 
+# Which arms run is not part of the protocol: every arm's result depends only on the other
+# settings, so a study can gain or drop arms and keep its finished ones.
+ARM_LIST_KEYS = ("arms", "scope_arms")
+
+
+def protocol(settings: dict) -> str:
+    """The settings that every arm's result depends on, canonical JSON."""
+    kept = {k: v for k, v in settings.items() if k not in ARM_LIST_KEYS}
+    return json.dumps(json.loads(json.dumps(kept, default=str)), sort_keys=True)
+
+
 def fingerprint(settings: dict) -> str:
-    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return hashlib.sha256(protocol(settings).encode()).hexdigest()[:16]
 
 
 def lr_grid(centre: float, points: int) -> list[float]:
@@ -175,12 +190,12 @@ class Study:
         self.s = settings
         self.out = Path(out)
         self.fp = fingerprint(settings)
+        self.res = self._load_results(fresh)  # may keep an older file's fingerprint
         self.cache = Path(cache_dir) if cache_dir else (
             Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sylva_jax" / "compare_methods" / self.fp)
         self.cache.mkdir(parents=True, exist_ok=True)
         self._load_model = load_model
         self.ran: list[str] = []  # arm keys trained in this process (tests check resume)
-        self.res = self._load_results(fresh)
         self._stats: dict[str, Any] = {}
         self._masks: dict[tuple, dict] = {}
         self._batches: dict[int, list] = {}
@@ -189,10 +204,13 @@ class Study:
     def _load_results(self, fresh: bool) -> dict:
         if self.out.exists() and not fresh:
             old = json.loads(self.out.read_text())
-            if old.get("fingerprint") != self.fp:
+            if old.get("fingerprint") != self.fp and protocol(old.get("settings", {})) != protocol(self.s):
                 raise SystemExit(
                     f"{self.out} holds a study with other settings (fingerprint {old.get('fingerprint')} "
                     f"!= {self.fp}); pass --fresh to start over or --out to write elsewhere")
+            if old["fingerprint"] != self.fp:  # written when the arm lists were fingerprinted too
+                self.fp = old["fingerprint"]  # same protocol: keep its name (and weights cache)
+            old["settings"] = self.s  # the arm lists of this run
             log(f"resuming {self.out}: finished arms {sorted(old.get('arms', {}))}")
             return old
         return {"fingerprint": self.fp, "settings": self.s, "arms": {}, "stages": {},
@@ -360,20 +378,27 @@ class Study:
                      for n, sc in scores.items()}
             else:
                 m = importance.select_blocks(st, sparsity=sparsity, block_size=bs, method=method,
-                                             seed=key[3], damping=damping)
+                                             seed=key[3], damping=damping, spread=arm in SPREAD_ARMS)
             self._masks[key] = m
         return self._masks[key]
 
     def mask_overlaps(self, scope: str) -> None:
-        """Fraction of each arm's kept tiles that the `sylva` mask also keeps (seed 0)."""
-        ref = self.masks(scope, "sylva", self.s["sparsity"], 0)
-        out = {}
+        """Diagnostics of every tile arm's mask (seed 0) in ``scope``: the fraction of its kept
+        tiles that the `sylva` mask also keeps, and its spread: the distinct rows and columns
+        of tiles it touches per layer, as a fraction of the most that ``k`` tiles can touch
+        (``min(k, rows)``; 1.0: no two kept tiles share a row / column)."""
+        ref = self.masks(scope, "sylva", self.s["sparsity"], 0) if "sylva" in self.arms_for(scope) else None
+        out, cov = {}, {}
         for arm in self.arms_for(scope):
             if arm in TILE_ARMS:
                 m = self.masks(scope, arm, self.s["sparsity"], 0)
-                both = sum(int((m[n] & ref[n]).sum()) for n in ref)
-                out[arm] = both / max(sum(int(m[n].sum()) for n in m), 1)
-        self.res.setdefault("mask_overlap_with_sylva", {})[scope] = out
+                if ref is not None:
+                    both = sum(int((m[n] & ref[n]).sum()) for n in ref)
+                    out[arm] = both / max(sum(int(m[n].sum()) for n in m), 1)
+                cov[arm] = mask_spread(m)
+        if ref is not None:
+            self.res.setdefault("mask_overlap_with_sylva", {})[scope] = out
+        self.res.setdefault("mask_spread", {})[scope] = cov
 
     # ------------------------------------------------------------------ training data
     def train_batches(self, seed: int) -> list:
@@ -631,7 +656,8 @@ class Study:
             "scope": scope if arm != "full" else None, "arm": arm, "family": fam,
             "sparsity": sparsity if fam != "full" else None,
             "mask": ({"method": TILE_SPEC[arm][0], "damping": TILE_SPEC[arm][1],
-                      "relative_damping": TILE_SPEC[arm][2]} if fam == "tiles" else None),
+                      "relative_damping": TILE_SPEC[arm][2], "spread": arm in SPREAD_ARMS}
+                     if fam == "tiles" else None),
             "lr_grid": grid, "lr_extended": extended if grid else None, "lr": lr, "best_lr": lr, "lr_chosen_by": chosen_by, "best_lr_at_grid_edge": edge,
             "sweep": [{k: r[k] for k in ("lr", "val_loss", "train_losses", "train_s", "eval_s",
                                          "first_step_s", "step_s_median")} for r in sweep],
@@ -711,7 +737,7 @@ class Study:
                 self.run_arm(scope, arm)
             if "full" in s["arms"] and si == 0:
                 self.run_arm(scope, "full")
-            if any(a in TILE_ARMS for a in self.arms_for(scope)) and "sylva" in self.arms_for(scope):
+            if any(a in TILE_ARMS for a in self.arms_for(scope)):
                 self.mask_overlaps(scope)
             if s.get("curve_scopes") is not None and scope not in s["curve_scopes"]:
                 continue
@@ -811,6 +837,14 @@ class Study:
         fig.savefig(f"{stem}_params.png", dpi=100)
         plt.close(fig)
         log(f"plots: {stem}_curves.png, {stem}_params.png")
+
+
+def mask_spread(masks: dict) -> dict:
+    """Mean over layers of (distinct rows of tiles kept) / min(k, rows), and the same for
+    columns: 1.0 when the ``k`` kept tiles never share a row (column) where they need not."""
+    rows = [m.any(1).sum() / min(m.sum(), m.shape[0]) for m in masks.values() if m.sum()]
+    cols = [m.any(0).sum() / min(m.sum(), m.shape[1]) for m in masks.values() if m.sum()]
+    return {"rows": float(np.mean(rows)), "cols": float(np.mean(cols))}
 
 
 def _leaves(tree) -> list:

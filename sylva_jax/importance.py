@@ -82,6 +82,42 @@ def topk_mask(scores: np.ndarray, k: int, name: str = "layer") -> np.ndarray:
     return mask.reshape(scores.shape)
 
 
+def spread_topk_mask(scores: np.ndarray, k: int, name: str = "layer") -> np.ndarray:
+    """Like :func:`topk_mask`, but no row or column of tiles takes more than its share:
+    tiles are taken in score order (ties as in ``topk_mask``) while their row holds fewer
+    than ``ceil(k / rows)`` and their column fewer than ``ceil(k / cols)`` kept tiles; if
+    the caps leave fewer than ``k``, the best remaining tiles fill up.
+
+    Why: Sylva's score is an outer product (``imp[o, i] = out_imp[o] * in_imp[i]``, so the
+    tile scores are too), and a plain top-k of an outer product is a corner of the matrix:
+    the kept tiles share a few input columns (those carrying large activations). This
+    variant keeps the ranking and spreads the tiles (an ablation of the quality study)."""
+    scores = np.asarray(scores, np.float64)
+    mask = topk_mask(scores, 0, name)  # validates the scores
+    rows, cols = scores.shape
+    cap_r, cap_c = -(-k // rows), -(-k // cols)
+    n_r, n_c = np.zeros(rows, int), np.zeros(cols, int)
+    order = np.argsort(-scores.ravel(), kind="stable")
+    taken = 0
+    for f in order:
+        r, c = divmod(int(f), cols)
+        if n_r[r] < cap_r and n_c[c] < cap_c:
+            mask[r, c] = True
+            n_r[r] += 1
+            n_c[c] += 1
+            taken += 1
+            if taken == k:
+                return mask
+    for f in order:  # the caps blocked some: fill with the best remaining
+        r, c = divmod(int(f), cols)
+        if not mask[r, c]:
+            mask[r, c] = True
+            taken += 1
+            if taken == k:
+                break
+    return mask
+
+
 @functools.partial(jax.jit, static_argnames="bs")
 def _tile_sum(x, *, bs):
     o, i = x.shape
@@ -161,9 +197,11 @@ def tile_scores(stats: capture.Stats, *, block_size: int = 64, method: str = "sy
 
 
 def select_blocks(stats: capture.Stats, *, sparsity: float, block_size: int = 64,
-                  method: str = "sylva", seed: int = 0, damping: float = 1e-6
-                  ) -> dict[str, np.ndarray]:
+                  method: str = "sylva", seed: int = 0, damping: float = 1e-6,
+                  spread: bool = False) -> dict[str, np.ndarray]:
     """Top-k tile masks per layer: ``{weight path: bool [out/bs, in/bs]}``.
+
+    ``spread=True`` caps the tiles per row and column of tiles (:func:`spread_topk_mask`).
 
     ``k = round((1 - sparsity) * n_tiles)`` (halves up; at least one tile) per layer, ties
     broken by the lower tile index. ``stats`` comes from :func:`capture.preprocess` (or a
@@ -172,7 +210,8 @@ def select_blocks(stats: capture.Stats, *, sparsity: float, block_size: int = 64
     """
     _check_sparsity(sparsity)
     scores = tile_scores(stats, block_size=block_size, method=method, seed=seed, damping=damping)
-    return {n: topk_mask(sc, num_kept(sparsity, sc.size), n) for n, sc in scores.items()}
+    pick = spread_topk_mask if spread else topk_mask
+    return {n: pick(sc, num_kept(sparsity, sc.size), n) for n, sc in scores.items()}
 
 
 _PREPROCESS_KEYS = ("num_samples", "num_partition", "factor", "factor_kind", "keep_dense",

@@ -137,6 +137,10 @@ def test_study_structure_training_split_and_resume(tmp_path, fast_compiles):
             assert m[n].shape == masks["sylva"][n].shape and m[n].sum() == masks["sylva"][n].sum(), (a, n)
     differ = {a for a in cm.TILE_ARMS if any((masks[a][n] != masks["sylva"][n]).any() for n in masks[a])}
     assert {"random", "magnitude"} <= differ, differ
+    # the spread variant ranks by sylva's scores but touches at least as many rows / columns
+    sp_, sy_ = cm.mask_spread(masks["sylva_spread"]), cm.mask_spread(masks["sylva"])
+    assert sp_["rows"] >= sy_["rows"] and sp_["cols"] >= sy_["cols"] and sp_["cols"] == 1.0
+    assert set(res["mask_spread"]["self_attn"]) == {"sylva", "random"}
     neg = res["calibration"]["self_attn"]["inv_diag_negative_fraction"]
     assert set(neg) == {"abs_1e-06", "rel_0.1"} and all(0.0 <= x <= 1.0 for x in neg.values())
     # LoRA rank matched to the tiles' trainable count as closely as integer ranks allow
@@ -168,6 +172,20 @@ def test_study_structure_training_split_and_resume(tmp_path, fast_compiles):
     # other settings refuse to mix into the same file
     with pytest.raises(SystemExit):
         cm.Study({**s, "steps": 4}, out, cache_dir=tmp_path / "cache", load_model=_tiny_model)
+    # the arm list is not part of the protocol: an added arm runs alone, at the family's rate
+    more = cm.Study({**s, "arms": list(ARMS) + ["sylva_spread"]}, out, cache_dir=tmp_path / "cache",
+                    load_model=_tiny_model)
+    assert more.fp == study.fp
+    res4 = more.run()
+    assert more.ran == ["self_attn/sylva_spread"] and set(res4["arms"]) == expect | {"self_attn/sylva_spread"}
+    assert res4["arms"]["self_attn/sylva_spread"]["mask"]["spread"] is True
+    assert res4["arms"]["self_attn/sylva_spread"]["best_lr"] == res4["arms"]["self_attn/random"]["best_lr"]
+    # a file fingerprinted by an earlier version (arm lists included) keeps its name
+    on_disk = json.loads(out.read_text())
+    on_disk["fingerprint"] = "0123456789abcdef"
+    out.write_text(json.dumps(on_disk))
+    legacy = cm.Study(s, out, load_model=_tiny_model, cache_dir=tmp_path / "cache")
+    assert legacy.fp == "0123456789abcdef" and legacy.res["settings"]["arms"] == list(ARMS)
 
 
 def test_lr_grid_is_log_spaced():

@@ -193,3 +193,27 @@ def test_compute_masks_end_to_end():
     assert rep["num_samples"] == 0 and all(int(m.sum()) == 16 for m in mm.values())
     with pytest.raises(ValueError, match=r"block_size 5 does not divide"):
         importance.compute_masks(model, batches, scope="mlp", sparsity=0.5, block_size=5)
+
+
+def test_spread_topk_caps_rows_and_columns_and_keeps_the_ranking():
+    # an outer product (Sylva's score structure): plain top-k is a corner of the matrix
+    a, b = np.array([5.0, 4.0, 3.0, 2.0]), np.array([9.0, 8.0, 1.0, 0.5, 0.25, 0.1])
+    s = np.outer(a, b)
+    plain = importance.topk_mask(s, 6)
+    assert plain[:, :2].sum() == 6 and plain.any(0).sum() == 2  # every tile in 2 columns
+    m = importance.spread_topk_mask(s, 6)
+    assert m.sum() == 6 and m.sum(0).max() <= 1 and m.sum(1).max() <= 2  # caps ceil(6/6), ceil(6/4)
+    # greedy in score order under the caps, checked against a direct enumeration
+    want, nr, nc = np.zeros_like(m), np.zeros(4, int), np.zeros(6, int)
+    for f in sorted(range(s.size), key=lambda f: (-s.ravel()[f], f)):
+        r, c = divmod(f, 6)
+        if nr[r] < 2 and nc[c] < 1 and want.sum() < 6:
+            want[r, c], nr[r], nc[c] = True, nr[r] + 1, nc[c] + 1
+    assert (m == want).all()
+    # no cap binds: the same as top-k; caps that block everything still give k tiles
+    assert (importance.spread_topk_mask(s, 1) == importance.topk_mask(s, 1)).all()
+    one_row = np.array([[3.0, 2.0, 1.0]])
+    assert (importance.spread_topk_mask(one_row, 2) == importance.topk_mask(one_row, 2)).all()
+    assert importance.spread_topk_mask(np.arange(12.0).reshape(3, 4), 12).all()
+    with pytest.raises(ValueError, match="non-finite"):
+        importance.spread_topk_mask(np.array([[np.nan, 1.0]]), 1)
