@@ -170,6 +170,11 @@ def family_of(arm: str) -> str:
     return "tiles" if arm in TILE_ARMS else arm
 
 
+def mask_seed_of(arm: str, seed: int) -> int:
+    """Random masks are drawn anew for each training seed; every other mask is seed 0's."""
+    return seed if arm in TILE_ARMS and TILE_SPEC[arm][0] == "random" else 0
+
+
 def split_indices(n: int, *, seed: int, n_heldout: int, n_val: int) -> dict[str, list[int]]:
     """Fixed split of ``n`` conversations: held-out, validation (carved from the training
     split) and fit (the rest of the training split). Disjoint, deterministic in ``seed``."""
@@ -431,8 +436,88 @@ class Study:
         bs = self.s["block_size"]
         return int(sum(int(v.sum()) for v in m.values())) * bs * bs
 
+    # ------------------------------------------------------------------ finished runs on disk
+    # An arm is 5-7 training runs (~3 min each on the 2-core CPU): each finished run is kept
+    # in the cache (record + weights), so a study stopped inside an arm resumes at its next
+    # run. The files of an arm go when the arm's result is saved.
+    def _run_path(self, key: str, lr: float, seed: int) -> Path:
+        return self.cache / "runs" / f"{key.replace('/', '__')}__lr{lr:.6g}__seed{seed}"
+
+    def _save_run(self, path: Path, rec: dict, run: dict) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        arrays = {f"t{i}": x for i, x in enumerate(_leaves(run["trainable"]))}
+        for j, (_, tr) in enumerate(run["snaps"]):
+            arrays.update({f"s{j}_{i}": x for i, x in enumerate(_leaves(tr))})
+        tmp = path.with_name(path.name + ".npz.tmp")
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path.with_name(path.name + ".npz"))
+        # the record is written last: its presence says the weights are complete
+        atomic_write_json(path.with_name(path.name + ".json"), {**rec, "snap_steps": [st for st, _ in run["snaps"]]})
+
+    def _load_run(self, path: Path, treedef, to_params, *, want_val: bool, snapshots: bool):
+        import jax
+
+        js = path.with_name(path.name + ".json")
+        if not js.exists():
+            return None
+        rec = json.loads(js.read_text())
+        steps = rec.pop("snap_steps")
+        if (want_val and "val_loss" not in rec) or (snapshots and not steps and self.curve_steps()):
+            return None
+        with np.load(path.with_name(path.name + ".npz")) as z:
+            n = treedef.num_leaves
+            trainable = jax.tree.unflatten(treedef, [z[f"t{i}"] for i in range(n)])
+            snaps = [(st, jax.tree.unflatten(treedef, [z[f"s{j}_{i}"] for i in range(n)]))
+                     for j, st in enumerate(steps)] if snapshots else []
+        return rec, {"trainable": trainable, "snaps": snaps, "to_params": to_params, "store": path}
+
+    def _drop_runs(self, key: str) -> None:
+        for f in (self.cache / "runs").glob(f"{key.replace('/', '__')}__lr*"):
+            f.unlink()
+
+    def run_template(self, fam: str, scope: str, arm: str, sparsity: float, mask_seed: int,
+                     lora_rank: int | None):
+        """The tree structure of a run's trainable weights, and its adapter (tiles only)."""
+        import jax
+
+        if fam == "tiles":
+            from sylva_jax.adapter import make_adapter
+
+            ad = make_adapter(self.params, self.masks(scope, arm, sparsity, mask_seed), block_size=self.s["block_size"])
+            return jax.tree.structure(ad.tiles(self.params)), ad
+        if fam == "lora":
+            from sylva_jax.lora import init_lora
+
+            tmpl = init_lora(self.params, scope=scope, rank=lora_rank, alpha=2.0 * lora_rank)
+            return jax.tree.structure(tmpl), None
+        return jax.tree.structure(self.params), None
+
     def train_run(self, scope: str, arm: str, lr: float, seed: int, *, sparsity: float,
                   want_val: bool, snapshots: bool = False, trainers: dict | None = None) -> tuple[dict, dict]:
+        """One run, from the run cache if an earlier process finished it, else trained
+        (:meth:`_train_run`) and stored."""
+        fam = family_of(arm)
+        path = self._run_path(self.arm_key(scope, arm, sparsity), lr, seed)
+        if path.with_name(path.name + ".json").exists():
+            mask_seed = mask_seed_of(arm, seed)
+            rank = self.lora_rank(scope, self.tile_count(scope, sparsity)) if fam == "lora" else None
+            treedef, adapter = self.run_template(fam, scope, arm, sparsity, mask_seed, rank)
+            got = self._load_run(path, treedef, lambda tr: self._params_from(fam, adapter, tr),
+                                 want_val=want_val, snapshots=snapshots)
+            if got is not None:
+                log(f"  {self.arm_key(scope, arm, sparsity)} lr {lr:.3g} seed {seed}: finished earlier, loaded")
+                return got
+        rec, run = self._train_run(scope, arm, lr, seed, sparsity=sparsity, want_val=want_val,
+                                   snapshots=snapshots, trainers=trainers)
+        self._save_run(path, rec, run)
+        run["store"] = path
+        return rec, run
+
+    def _train_run(self, scope: str, arm: str, lr: float, seed: int, *, sparsity: float,
+                   want_val: bool, snapshots: bool = False, trainers: dict | None = None) -> tuple[dict, dict]:
         """Train one arm at one rate and seed: the record (train losses, timings, validation
         loss if ``want_val``, integrity) and the run (final trainable weights on the host,
         host snapshots at the curve steps if ``snapshots``, and ``to_params``). The held-out
@@ -448,7 +533,7 @@ class Study:
         fam = family_of(arm)
         steps = s["steps"]
         warm = min(int(round(s["warmup_frac"] * steps)), steps - 1)
-        mask_seed = seed if fam == "tiles" and TILE_SPEC[arm][0] == "random" else 0
+        mask_seed = mask_seed_of(arm, seed)
         rec: dict[str, Any] = {"seed": seed, "lr": lr}
         if fam == "lora":
             rec["lora_rank"] = self.lora_rank(scope, self.tile_count(scope, sparsity))
@@ -521,6 +606,8 @@ class Study:
     def evaluate_run(self, rec: dict, run: dict) -> None:
         """Held-out loss of a reported run, and its curve: the untuned loss at step 0, the
         snapshots (if kept) and the end, on the first ``curve_n`` held-out examples."""
+        if "heldout_loss" in rec:  # evaluated by an earlier process (run cache)
+            return
         t0 = time.perf_counter()
         h = self.eval_loss(run["to_params"](run["trainable"]), "heldout")
         curve = [[0, self.res["base"]["curve_loss"]]]
@@ -529,6 +616,9 @@ class Study:
         curve.append([self.s["steps"], self.curve_loss(h)])
         rec.update(heldout_loss=h["loss"], curve=curve)
         rec["eval_s"] = rec.get("eval_s", 0.0) + time.perf_counter() - t0
+        if run.get("store") is not None:
+            atomic_write_json(run["store"].with_name(run["store"].name + ".json"),
+                              {**rec, "snap_steps": [st for st, _ in run["snaps"]]})
 
     def _params_from(self, fam: str, adapter, trainable):
         """The model parameters (device) given a run's trainable weights (host)."""
@@ -673,18 +763,25 @@ class Study:
         }
         self.ran.append(key)
         self.save()
+        self._drop_runs(key)
         log(f"{key}: done, held-out {hl.mean():.4f} (base {base:.4f}), lr {lr:.3g}, "
             f"{time.perf_counter() - t0:.0f} s")
+
+    def kept_params(self, key: str):
+        """The model parameters of a finished arm's kept run (seed 0, mask seed 0)."""
+        import jax
+
+        a = self.res["arms"][key]
+        with np.load(self.cache / f"{key.replace('/', '__')}.npz") as z:
+            leaves = [z[f"leaf{i}"] for i in range(len(z.files))]
+        treedef, ad = self.run_template(a["family"], a["scope"], a["arm"], a["sparsity"], 0, a["lora_rank"])
+        return self._params_from(a["family"], ad, jax.tree.unflatten(treedef, leaves))
 
     # ------------------------------------------------------------------ MMLU
     def mmlu(self) -> None:
         if self.s["mmlu_limit"] <= 0 or "mmlu" in self.res:
             return
-        import jax
-
-        from sylva_jax.adapter import make_adapter
         from sylva_jax.data import mmlu as mmlu_lib
-        from sylva_jax.lora import init_lora, merge_lora
 
         s = self.s
         t0 = time.perf_counter()
@@ -704,18 +801,7 @@ class Study:
                 continue
             key = min(cands, key=lambda k: cands[k]["val_loss"])  # chosen on validation, never held-out
             a = cands[key]
-            leaves = np.load(self.cache / f"{key.replace('/', '__')}.npz")
-            leaves = [leaves[f"leaf{i}"] for i in range(len(leaves.files))]
-            if fam == "tiles":
-                ad = make_adapter(self.params, self.masks(a["scope"], a["arm"], a["sparsity"], 0),
-                                  block_size=s["block_size"])
-                tiles = jax.tree.unflatten(jax.tree.structure(ad.tiles(self.params)), leaves)
-                params = ad.set_tiles(self.params, tiles)
-            elif fam == "lora":
-                tmpl = init_lora(self.params, scope=a["scope"], rank=a["lora_rank"], alpha=2.0 * a["lora_rank"])
-                params = merge_lora(self.params, jax.tree.unflatten(jax.tree.structure(tmpl), leaves))
-            else:
-                params = jax.tree.unflatten(jax.tree.structure(self.params), leaves)
+            params = self.kept_params(key)
             res["after"][fam] = {"arm": key, "val_loss": a["val_loss"], **score(params)}
             del params
         res["seconds"] = time.perf_counter() - t0

@@ -158,6 +158,10 @@ def test_study_structure_training_split_and_resume(tmp_path, fast_compiles):
     on_disk = json.loads(out.read_text())
     assert set(on_disk["arms"]) == expect and on_disk["fingerprint"] == cm.fingerprint(s)
     assert sorted(study.ran) == sorted(expect)
+    # each arm's kept weights (what the MMLU stage scores) rebuild the model of its seed 0
+    for key in ("self_attn/sylva", "self_attn/lora", "any/full"):
+        got = study.eval_loss(study.kept_params(key), "heldout")["loss"]
+        assert got == pytest.approx(res["arms"][key]["runs"][0]["heldout_loss"], abs=1e-6), key
 
     # resume: nothing finished is retrained; a removed arm is the only one that runs again
     again = cm.Study(s, out, cache_dir=tmp_path / "cache", load_model=_tiny_model)
@@ -238,3 +242,51 @@ def test_comparisons_and_report_on_a_synthetic_result():
     assert not g["beyond_spread"] and not g["ref_better_every_seed"]
     md = cm.report_markdown(res)
     assert "| model.layers/sylva |" in md and "| random | -0.0600, -0.0500, -0.0400 | -0.0500 | 0.0100 | yes |" in md
+
+
+@pytest.mark.parametrize("stop_after", [2, 3])
+def test_an_interrupted_arm_resumes_at_its_next_run(tmp_path, fast_compiles, stop_after):
+    """A study stopped inside an arm (Ctrl-C, the end of a session) keeps the runs it
+    finished: the next process trains only the rest, and the arm's result is the one an
+    uninterrupted study gives. Stopped after 2 runs, the chosen run's held-out loss and curve
+    (from its stored snapshots) are evaluated by the second process; after 3, by the first."""
+    cm = _module()
+    data = tmp_path / "instruct.json"
+    _data(data)
+    s = {**_settings(cm, data), "arms": ["lora"], "curve_sparsities": [0.75], "seeds": 2, "sweep": "arm"}
+
+    class Stop(Exception):
+        pass
+
+    def counting(study, stop_after=None):
+        calls = []
+        fresh = study._train_run
+
+        def wrapped(*a, **k):
+            if stop_after is not None and len(calls) == stop_after:
+                raise Stop
+            calls.append((a[1:4], k["want_val"]))
+            return fresh(*a, **k)
+        study._train_run = wrapped
+        return calls
+
+    clean = cm.Study(s, tmp_path / "clean.json", cache_dir=tmp_path / "c1", load_model=_tiny_model)
+    all_runs = counting(clean)
+    want = clean.run()["arms"]["self_attn/lora"]
+    # a 2-point sweep extended once, then seed 1: four runs; none left on disk afterwards
+    assert len(all_runs) == 4 and not list((tmp_path / "c1" / "runs").iterdir())
+
+    first = cm.Study(s, tmp_path / "q.json", cache_dir=tmp_path / "c2", load_model=_tiny_model)
+    done = counting(first, stop_after=stop_after)
+    with pytest.raises(Stop):
+        first.run()
+    assert len(done) == stop_after and "self_attn/lora" not in json.loads((tmp_path / "q.json").read_text())["arms"]
+    second = cm.Study(s, tmp_path / "q.json", cache_dir=tmp_path / "c2", load_model=_tiny_model)
+    rest = counting(second)
+    got = second.run()["arms"]["self_attn/lora"]
+    assert rest == all_runs[stop_after:]  # only the runs that had not finished
+    for k in ("lr_grid", "best_lr", "heldout_mean", "val_loss", "trainable_params", "lora_rank"):
+        assert got[k] == want[k], k
+    assert [r["val_loss"] for r in got["sweep"]] == [r["val_loss"] for r in want["sweep"]]
+    assert [r["curve"] for r in got["runs"]] == [r["curve"] for r in want["runs"]]
+    assert not list((tmp_path / "c2" / "runs").iterdir())
