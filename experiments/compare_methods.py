@@ -27,7 +27,9 @@ mean gradients), ``importance.select_blocks`` / ``tile_scores``, ``make_adapter`
 ``train.make_train_step``, ``lora.merge_lora``, ``data.mmlu``.
 
 Resumable: the JSON is rewritten atomically after every finished arm (and stage); a rerun
-with the same settings skips finished arms. ``--fresh`` starts over. The trained weights
+with the same settings skips finished arms, and inside an unfinished arm it loads the
+training runs an earlier process finished (``<cache>/runs/``, removed when the arm is
+saved). ``--fresh`` starts over. The trained weights
 of each arm's first seed are kept (small: tiles / LoRA factors; full fine-tuning: all
 weights) in ``--cache_dir`` for the final MMLU stage.
 
