@@ -60,13 +60,15 @@ sys.path.insert(0, str(REPO))
 DEFAULT_DATA = str(REPO.parent / "shared" / "data" / "instruct" / "alpaca_en_demo.json")
 RESULTS = REPO / "experiments" / "results"
 
-TILE_ARMS = ("sylva", "sylva_reldamp", "sylva_spread", "kfac", "fisher", "grad", "magnitude", "random")
+TILE_ARMS = ("sylva", "sylva_reldamp", "sylva_spread", "sylva_tokens", "kfac", "fisher", "grad", "magnitude",
+             "random")
 ALL_ARMS = TILE_ARMS + ("lora", "full")
 # mask method and inverse-curvature damping (value, relative?) of each tile arm
 TILE_SPEC = {
     "sylva": ("sylva", 1e-6, False),          # ALGORITHM.md default
     "sylva_reldamp": ("sylva", 0.1, True),    # relative damping: no indefinite HODLR inverse
     "sylva_spread": ("sylva", 1e-6, False),   # sylva's scores, tiles spread over rows/columns
+    "sylva_tokens": ("sylva", 1e-6, False),   # per-token (K-FAC) factors instead of token means
     "kfac": ("kfac", 1e-6, False),
     "fisher": ("fisher", 1e-6, False),
     "grad": ("grad", 1e-6, False),
@@ -75,6 +77,8 @@ TILE_SPEC = {
 }
 # arms whose top-k is capped per row and column of tiles (importance.spread_topk_mask)
 SPREAD_ARMS = ("sylva_spread",)
+# arms whose factors are per-token sums (capture factor="tokens", ALGORITHM.md s. 1)
+TOKEN_FACTOR_ARMS = ("sylva_tokens",)
 # centre of each family's log-spaced learning-rate grid (grid = centre * 10^{-1/2, 0, 1/2})
 LR_CENTRE = {"tiles": 1e-3, "lora": 1e-3, "full": 3.2e-5}
 # with --sweep family, the arm whose sweep sets the rate of the whole tile family. `random`
@@ -85,8 +89,12 @@ FAMILY_SWEEP_ARM = "random"
 # linears); the hypothesis arms again in `self_attn`. Its cost on the shared 2-core CPU is
 # dominated by tokens, not compiles: a training run is 64 sequences of 256 tokens (fwd+bwd),
 # a held-out evaluation 150 examples (fwd). `sylva_spread` tests why `random` beat `sylva`
-# in model.layers (sylva's outer-product scores put the kept tiles in a few input columns);
-# `sylva_reldamp` (a diagnostic of the quick study) runs on request only (--arms).
+# in model.layers (sylva's outer-product scores put the kept tiles in a few input columns).
+# `sylva_reldamp` and `sylva_tokens` test the two causes the issue names that act before the
+# outer product: with N = 32 token-mean samples the factor A = sum_n a_n a_n^T has rank <= 32
+# (d = 576 or 1536), so under the absolute damping 1e-6 diag((A + l I)^-1) is ~1/l except
+# along the samples' span, and the importance ranks channels by how well that span explains
+# them; relative damping (0.1 mean diag) or per-token factors (rank ~ tokens) change that.
 # Rates: the quick study (4 updates) chose the top of every grid, so LoRA's and full
 # fine-tuning's grids sit half a decade higher; the tiles'
 # stays (a first full-study sweep in model.layers, 5x more tiles, preferred 1e-3 to 3.2e-3
@@ -95,13 +103,14 @@ FULL_LR_CENTRE = {"tiles": 1e-3, "lora": 3.16e-3, "full": 1e-4}
 PRESETS: dict[str, dict[str, Any]] = {
     "full": dict(
         scopes=["model.layers", "self_attn"],
-        arms=["sylva", "random", "magnitude", "sylva_spread", "lora", "grad", "fisher", "kfac", "full"],
+        arms=["sylva", "random", "magnitude", "sylva_spread", "lora", "grad", "fisher", "kfac", "sylva_reldamp",
+              "sylva_tokens", "full"],
         scope_arms={"self_attn": ["sylva", "random", "lora"]}, sparsity=0.95,
         curve_sparsities=[0.99, 0.95, 0.9, 0.8], curve_scopes=["model.layers"], steps=16, batch=4,
         seeds=3, sweep="arm", lr_points=3, n_heldout=150, n_val=32, heldout_eval=150, curve_n=48,
         curve_points=2, calib_samples=32, mmlu_limit=500, lr_centre=dict(FULL_LR_CENTRE), lr_extend=2),
     "quick": dict(
-        scopes=["self_attn"], arms=list(ALL_ARMS), sparsity=0.95,
+        scopes=["self_attn"], arms=[a for a in ALL_ARMS if a not in TOKEN_FACTOR_ARMS], sparsity=0.95,
         curve_sparsities=[0.95, 0.8], steps=4, batch=2, seeds=1, sweep="family",
         lr_points=3, n_heldout=150, n_val=12, heldout_eval=24, curve_n=24, curve_points=0,
         calib_samples=16, mmlu_limit=57),
@@ -344,8 +353,11 @@ class Study:
         self.save()
 
     # ------------------------------------------------------------------ statistics and masks
-    def stats(self, scope: str):
-        if scope not in self._stats:
+    def stats(self, scope: str, factor: str = "mean"):
+        """Calibration statistics of ``scope``: token-mean factors (with exact dense copies,
+        for ``kfac``), or per-token factors (``factor="tokens"``, HODLR only)."""
+        name = scope if factor == "mean" else f"{scope}#{factor}"
+        if name not in self._stats:
             from sylva_jax.capture import preprocess
             from sylva_jax.data.batching import batches
 
@@ -354,18 +366,19 @@ class Study:
             calib = batches(self.ex["fit"], min(8, s["calib_samples"]), seed=s["split_seed"] + 1,
                             pad_id=self.pad, pad_to=s["max_len"])
             st = preprocess((self.graphdef, self.params), calib, scope=scope, num_samples=s["calib_samples"],
-                            num_partition=s["num_partition"], keep_dense=True, damping=1e-6)
+                            num_partition=s["num_partition"], keep_dense=factor == "mean", damping=1e-6,
+                            factor=factor)
             dt = time.perf_counter() - t0
-            self._stats[scope] = st
-            diag = self.res.setdefault("calibration", {}).setdefault(scope, {})
+            self._stats[name] = st
+            diag = self.res.setdefault("calibration", {}).setdefault(name, {})
             diag.update(seconds=dt, num_samples=st.num_samples, partitions={str(k): v for k, v in st.partitions.items()},
                         layers=len(st))
             diag["inv_diag_negative_fraction"] = {
                 f"{'rel' if rel else 'abs'}_{d:g}": _negative_fraction(st.inv_diags(d, rel))
                 for d, rel in ((1e-6, False), (0.1, True))}
-            log(f"calibration {scope}: {st.num_samples} samples, {len(st)} layers, {dt:.1f} s; "
+            log(f"calibration {name}: {st.num_samples} samples, {len(st)} layers, {dt:.1f} s; "
                 f"negative inv_diag entries {diag['inv_diag_negative_fraction']}")
-        return self._stats[scope]
+        return self._stats[name]
 
     def masks(self, scope: str, arm: str, sparsity: float, seed: int) -> dict:
         from sylva_jax import capture, importance
@@ -375,7 +388,7 @@ class Study:
         if key not in self._masks:
             bs = self.s["block_size"]
             if method in importance.NEEDS_STATS:
-                st = self.stats(scope)
+                st = self.stats(scope, "tokens" if arm in TOKEN_FACTOR_ARMS else "mean")
             else:  # weights-only statistics: no calibration pass needed
                 st = capture.Stats(layers={n: capture.LayerStats(name=n, weight=w) for n, w in
                                            capture.scoped_weights((self.graphdef, self.params), scope).items()},
@@ -750,7 +763,8 @@ class Study:
             "scope": scope if arm != "full" else None, "arm": arm, "family": fam,
             "sparsity": sparsity if fam != "full" else None,
             "mask": ({"method": TILE_SPEC[arm][0], "damping": TILE_SPEC[arm][1],
-                      "relative_damping": TILE_SPEC[arm][2], "spread": arm in SPREAD_ARMS}
+                      "relative_damping": TILE_SPEC[arm][2], "spread": arm in SPREAD_ARMS,
+                      "factor": "tokens" if arm in TOKEN_FACTOR_ARMS else "mean"}
                      if fam == "tiles" else None),
             "lr_grid": grid, "lr_extended": extended if grid else None, "lr": lr, "best_lr": lr, "lr_chosen_by": chosen_by, "best_lr_at_grid_edge": edge,
             "sweep": [{k: r[k] for k in ("lr", "val_loss", "train_losses", "train_s", "eval_s",
@@ -863,7 +877,8 @@ class Study:
                                                            if not r.get("reused_compiled_step")] or [0.0]))}
         b = self.res["base"]
         unit["eval_s_per_example"] = b.get("eval_warm_s_per_example", b["eval_s_per_example"])
-        cal = [c["seconds"] / max(c["num_samples"], 1) for c in self.res.get("calibration", {}).values()]
+        cal = [c["seconds"] / max(c["num_samples"], 1) for k, c in self.res.get("calibration", {}).items()
+               if "#" not in k]  # token-mean factors (every scope has them)
         unit["calib_s_per_sample"] = float(np.mean(cal)) if cal else None
         out = {"unit_costs": unit, "loadavg_at_end": os.getloadavg()}
         if all(f in unit for f in ("tiles", "lora", "full")):
@@ -975,8 +990,9 @@ def estimate_hours(full: dict, unit: dict, mmlu: dict | None) -> float:
             for fam in ("tiles", "lora"):
                 total += extra * (unit[fam]["compile_s"] + full["steps"] * full["batch"] * unit[fam]["s_per_sequence"]
                                   + ev * (full["heldout_eval"] + full["n_val"]))
-        if any(a in TILE_ARMS for a in arms):
-            total += (unit["calib_s_per_sample"] or 0) * full["calib_samples"]
+        # one calibration per factor kind used (per-token factors cost at least as much)
+        kinds = len({a in TOKEN_FACTOR_ARMS for a in arms if a in TILE_ARMS})
+        total += kinds * (unit["calib_s_per_sample"] or 0) * full["calib_samples"]
     if mmlu:
         per_q = mmlu["seconds"] / (mmlu["n"] * (1 + len(mmlu["after"])))
         total += per_q * full["mmlu_limit"] * 4

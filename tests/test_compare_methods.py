@@ -136,7 +136,9 @@ def test_study_structure_training_split_and_resume(tmp_path, fast_compiles):
         for n in m:
             assert m[n].shape == masks["sylva"][n].shape and m[n].sum() == masks["sylva"][n].sum(), (a, n)
     differ = {a for a in cm.TILE_ARMS if any((masks[a][n] != masks["sylva"][n]).any() for n in masks[a])}
-    assert {"random", "magnitude"} <= differ, differ
+    assert {"random", "magnitude", "sylva_tokens"} <= differ, differ
+    # per-token factors come from their own calibration pass
+    assert study.res["calibration"]["self_attn#tokens"]["num_samples"] == 4
     # the spread variant ranks by sylva's scores but touches at least as many rows / columns
     sp_, sy_ = cm.mask_spread(masks["sylva_spread"]), cm.mask_spread(masks["sylva"])
     assert sp_["rows"] >= sy_["rows"] and sp_["cols"] >= sy_["cols"] and sp_["cols"] == 1.0
