@@ -277,6 +277,8 @@ def test_an_interrupted_arm_resumes_at_its_next_run(tmp_path, fast_compiles):
     want = clean.run()["arms"]["self_attn/lora"]
     # a 2-point sweep extended once, then seed 1: four runs; none left on disk afterwards
     assert len(all_runs) == 4 and not list((tmp_path / "c1" / "runs").iterdir())
+    # the chosen rate is one of the two runs the first process will finish
+    assert want["best_lr"] in [r["lr"] for r in want["sweep"][:stop_after]]
 
     first = cm.Study(s, tmp_path / "q.json", cache_dir=tmp_path / "c2", load_model=_tiny_model)
     done = counting(first, stop_after=stop_after)
