@@ -823,7 +823,7 @@ def capture(
     flat = tree_lib.flatten(params)
     scoped = {p: flat[p] for p in chosen}
     groups = capture_lib._groups(infos, num_partition, hier)
-    upd = hier.update if factor == "mean" else hier.update_block
+    upd = capture_lib._factor_update(hier, factor)
     state = capture_lib._init_state(hier, groups, factor_kind, keep_dense,
                                     {p: infos[p].shape for p in chosen})
     steps: dict = {}

@@ -61,6 +61,11 @@ __all__ = [
 
 FACTORS = ("mean", "tokens")
 FACTOR_KINDS = ("hodlr", "dense", "diagonal")
+# per-token factor updates run this many layer slots at a time (``lax.map``), not all at
+# once (``vmap``): one batch has ``B*T`` vectors per slot, and the update's per-level copies
+# of them for every slot of a dimension group (270 slots of width 576 for SmolLM2's
+# model.layers) exceeded 20 GB.
+TOKEN_SLOT_BATCH = 8
 
 
 def _hierarchy():
@@ -504,7 +509,7 @@ def _all_finite(*trees) -> jax.Array:
 def _make_step(apply: Callable, groups, factor: str, keep_dense: bool, hier):
     """One jitted program per batch shape: forward/backward with probes, then every
     factor update (one ``vmap``-ed call per dimension group) and the gradient sums."""
-    upd = hier.update if factor == "mean" else hier.update_block
+    upd = _factor_update(hier, factor)
 
     fn = _Functional(apply, None, None)
 
@@ -528,16 +533,26 @@ def _init_state(hier, groups, factor_kind: str, keep_dense: bool, shapes: Mappin
     }
 
 
+def _factor_update(hier, factor: str):
+    """``(stacked factors, x [slots, n, dim]) -> stacked factors``: every slot's factor plus
+    its vectors' outer products. Token means: all slots at once (``vmap``); per-token
+    vectors: :data:`TOKEN_SLOT_BATCH` slots at a time (bounded memory, same result)."""
+    if factor == "mean":
+        return jax.vmap(hier.update)
+    return lambda fs, x: jax.lax.map(lambda fx: hier.update_block(*fx), (fs, x),
+                                     batch_size=TOKEN_SLOT_BATCH)
+
+
 def _accumulate(state, groups, upd, keep_dense: bool, acts, gy, gw):
     """Add one batch's statistics (per layer: ``acts`` / ``gy`` token-mean or per-token
-    vectors, ``gw`` weight-gradient sum) to ``state``: one ``vmap``-ed factor update per
-    dimension group. Shared by :func:`preprocess` and :func:`sylva_jax.anymodel.capture`."""
+    vectors, ``gw`` weight-gradient sum) to ``state``: one factor update per dimension
+    group (``upd`` from :func:`_factor_update`). Shared by :func:`preprocess` and :func:`sylva_jax.anymodel.capture`."""
     vecs = {"A": acts, "G": gy}
     new_f, new_d = [], []
     for k, g in enumerate(groups):
         # [slots, B, dim] (mean) or [slots, B*T, dim] (tokens)
         x = jnp.stack([vecs[which][n].reshape(-1, g.dim) for n, which in g.slots])
-        new_f.append(jax.vmap(upd)(state["factors"][k], x))
+        new_f.append(upd(state["factors"][k], x))
         if keep_dense:
             new_d.append(state["dense"][k] + jnp.einsum(
                 "lbi,lbj->lij", x, x, precision=jax.lax.Precision.HIGHEST))

@@ -162,6 +162,28 @@ def test_tokens_factor_is_the_sum_of_per_token_outer_products(model, batches, re
         assert_close(stats[n].grad_mean, gbar)
 
 
+def test_tokens_hodlr_factors_per_slot(model, batches, ref):
+    """factor="tokens", hodlr kind: the per-token updates run TOKEN_SLOT_BATCH slots at a
+    time (lax.map); each slot's factor equals hierarchy.update_block applied to that
+    layer's reference per-token vectors, batch by batch. The 64-wide group has 18 slots
+    (2 full map batches of 8 and a remainder of 2), so a mixed-up or dropped slot fails."""
+    assert capture.TOKEN_SLOT_BATCH == 8
+    stats = capture.preprocess(model, batches, scope="model.layers", num_samples=8,
+                               factor="tokens", num_partition=2)
+    lens = [int(b["attention_mask"][i].sum()) for b in batches for i in range(4)]
+    for n in LAYERS:
+        s = stats[n]
+        for which, col in (("A", 0), ("G", 1)):
+            h = getattr(s, which)
+            assert h.kind == "hodlr" and h.num_partition == 2
+            seq = hierarchy.init(h.dim, num_partition=2)
+            for b in range(2):  # one update_block per calibration batch of 4 samples
+                vecs = np.concatenate([ref[n][i][col] for i in range(4 * b, 4 * b + 4)])
+                assert vecs.shape[0] == sum(lens[4 * b:4 * b + 4])
+                seq = hierarchy.update_block(seq, jnp.asarray(vecs, jnp.float32))
+            assert_close(dense(h), dense(seq))
+
+
 def test_hodlr_factors_get_the_reference_vectors_in_order(hodlr_stats, ref):
     """hodlr kind: each factor equals hierarchy.update applied to the reference per-sample
     vectors in sample order (checks the stacking by dimension, vmap and ordering)."""
