@@ -57,6 +57,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from sylva_jax import atomic  # noqa: E402  (cheap: no jax import)
+
 DEFAULT_DATA = str(REPO.parent / "shared" / "data" / "instruct" / "alpaca_en_demo.json")
 RESULTS = REPO / "experiments" / "results"
 
@@ -137,13 +139,17 @@ def _json_default(o):
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True, default=_json_default)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic.write_json(path, obj, indent=1, default=_json_default)
+
+
+def atomic_savez(path: Path, arrays: dict) -> None:
+    with atomic.atomic_open(path, "wb") as f:
+        np.savez(f, **arrays)
+
+
+def _stem(key: str) -> str:
+    """An arm key (``scope/arm[@sparsity]``) as a file-name stem."""
+    return key.replace("/", "__")
 
 
 def settings_for(mode: str, **overrides) -> dict:
@@ -458,19 +464,14 @@ class Study:
     # in the cache (record + weights), so a study stopped inside an arm resumes at its next
     # run. The files of an arm go when the arm's result is saved.
     def _run_path(self, key: str, lr: float, seed: int) -> Path:
-        return self.cache / "runs" / f"{key.replace('/', '__')}__lr{lr:.6g}__seed{seed}"
+        return self.cache / "runs" / f"{_stem(key)}__lr{lr:.6g}__seed{seed}"
 
     def _save_run(self, path: Path, rec: dict, run: dict) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         arrays = {f"t{i}": x for i, x in enumerate(_leaves(run["trainable"]))}
         for j, (_, tr) in enumerate(run["snaps"]):
             arrays.update({f"s{j}_{i}": x for i, x in enumerate(_leaves(tr))})
-        tmp = path.with_name(path.name + ".npz.tmp")
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path.with_name(path.name + ".npz"))
+        atomic_savez(path.with_name(path.name + ".npz"), arrays)
         # the record is written last: its presence says the weights are complete
         atomic_write_json(path.with_name(path.name + ".json"), {**rec, "snap_steps": [st for st, _ in run["snaps"]]})
 
@@ -492,7 +493,7 @@ class Study:
         return rec, {"trainable": trainable, "snaps": snaps, "to_params": to_params, "store": path}
 
     def _drop_runs(self, key: str) -> None:
-        for f in (self.cache / "runs").glob(f"{key.replace('/', '__')}__lr*"):
+        for f in (self.cache / "runs").glob(f"{_stem(key)}__lr*"):
             f.unlink()
 
     def run_template(self, fam: str, scope: str, arm: str, sparsity: float, mask_seed: int,
@@ -757,8 +758,7 @@ class Study:
             runs.append(rec)
             del run
         del trainers
-        np.savez(self.cache / f"{key.replace('/', '__')}.npz",
-                 **{f"leaf{i}": x for i, x in enumerate(_leaves(kept))})
+        atomic_savez(self.cache / f"{_stem(key)}.npz", {f"leaf{i}": x for i, x in enumerate(_leaves(kept))})
         hl = np.array([r["heldout_loss"] for r in runs])
         base = self.res["base"]["heldout_loss"]
         self.res["arms"][key] = {
@@ -790,7 +790,7 @@ class Study:
         import jax
 
         a = self.res["arms"][key]
-        with np.load(self.cache / f"{key.replace('/', '__')}.npz") as z:
+        with np.load(self.cache / f"{_stem(key)}.npz") as z:
             leaves = [z[f"leaf{i}"] for i in range(len(z.files))]
         treedef, ad = self.run_template(a["family"], a["scope"], a["arm"], a["sparsity"], 0, a["lora_rank"])
         return self._params_from(a["family"], ad, jax.tree.unflatten(treedef, leaves))

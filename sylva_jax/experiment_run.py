@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import signal
 import sys
@@ -17,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from sylva_jax import atomic
 from sylva_jax.experiment import ExperimentError
 
 LOG_PREFIX = "[oasst_mmlu]"
@@ -52,12 +52,7 @@ class _Stage:
 
 
 def _atomic_write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True, default=_json_default)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic.write_json(path, obj, indent=2, default=_json_default)
 
 
 def _json_default(o):
@@ -768,6 +763,4 @@ def _read_jsonl(path: Path) -> list[dict]:
 def _truncate_jsonl(path: Path, step: int) -> None:
     """Drop records past ``step`` (written after the checkpoint we resume from)."""
     recs = [r for r in _read_jsonl(path) if r.get("step", 0) <= step]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in recs))
-    os.replace(tmp, path)
+    atomic.write_text(path, "".join(json.dumps(r) + "\n" for r in recs))
