@@ -453,6 +453,47 @@ def _brand_step(h: HodlrFactor, u, s, v, a):
     return u_new, s_new, v_new
 
 
+def _serial_vmap(fn):
+    """``fn`` whose ``vmap`` is a sequential loop (``lax.map``) of unbatched calls.
+
+    For the LAPACK decompositions of the per-token update on the CPU. jaxlib 0.10.x runs a
+    *batched* LAPACK call by fanning the batch out onto XLA:CPU's intra-op thread pool and
+    blocking on it; when as many such calls as the pool has threads run at once (the
+    independent levels and dimension groups of one calibration step do), every pool thread
+    waits on work that no thread is free to run and the program hangs (seen on the 2-core
+    CPU: all threads in futex wait inside ``QrFactorization`` / ``ParallelBatchMap``).
+    Unbatched calls run inline and cannot hang.
+    """
+    f = jax.custom_batching.custom_vmap(fn)
+
+    @f.def_vmap
+    def _rule(axis_size, in_batched, *args):
+        args = tuple(a if b else jnp.broadcast_to(a, (axis_size,) + jnp.shape(a))
+                     for a, b in zip(args, in_batched))
+        out = lax.map(lambda xs: f(*xs), args)
+        return out, jax.tree.map(lambda _: True, out)
+
+    return f
+
+
+_qr_serial = _serial_vmap(lambda a: tuple(jnp.linalg.qr(a)))
+_svd_serial = _serial_vmap(lambda a: tuple(jnp.linalg.svd(a, full_matrices=False)))
+
+
+def _on_cpu() -> bool:
+    return jax.default_backend() == "cpu"
+
+
+def _qr(a: jax.Array):
+    """Reduced QR of ``a [m, n]`` (``vmap``-safe on the CPU, see :func:`_serial_vmap`)."""
+    return _qr_serial(a) if _on_cpu() else tuple(jnp.linalg.qr(a))
+
+
+def _svd(a: jax.Array):
+    """Thin SVD ``(u, s, vt)`` of ``a [m, n]`` (``vmap``-safe on the CPU)."""
+    return _svd_serial(a) if _on_cpu() else tuple(jnp.linalg.svd(a, full_matrices=False))
+
+
 def _renormalise(vec: jax.Array, scale: jax.Array):
     """Make ``vec`` unit norm, folding its norm into ``scale``; all-zero when empty."""
     nrm = jnp.linalg.norm(vec)
@@ -470,7 +511,7 @@ def _orth_block(basis: jax.Array, a: jax.Array):
     p = a - jnp.matmul(basis, m, precision=_HI)
     dm = jnp.matmul(basis.T, p, precision=_HI)
     p, m = p - jnp.matmul(basis, dm, precision=_HI), m + dm
-    q, r = jnp.linalg.qr(p)
+    q, r = _qr(p)
     return m, q, r
 
 
@@ -488,7 +529,7 @@ def _brand_block(us, ss, vs, a, b):
     right = jnp.concatenate([mb, rb], axis=0)
     core = jnp.matmul(left, right.T, precision=_HI)
     core = core.at[:r, :r].add(jnp.diag(ss))
-    ku, ks, kvt = jnp.linalg.svd(core, full_matrices=False)
+    ku, ks, kvt = _svd(core)
     us_new = jnp.matmul(jnp.concatenate([us, qa], axis=1), ku[:, :r], precision=_HI)
     vs_new = jnp.matmul(jnp.concatenate([vs, qb], axis=1), kvt[:r].T, precision=_HI)
     ss_new = ks[:r]
@@ -550,7 +591,7 @@ def _block_level_small(u, s, v, rows, cols):
     live = s > 0
     tiles = jnp.einsum("tji,tjk->jik", rows, cols, precision=_HI)
     tiles = tiles + jnp.where(live, s, 0)[:, None, None] * u[:, :, None] * v[:, None, :]
-    uu, ss, vvt = jnp.linalg.svd(tiles, full_matrices=False)
+    uu, ss, vvt = jax.vmap(_svd)(tiles)
     return _finish_triple(uu[:, :, 0], ss[:, 0], vvt[:, 0, :])
 
 

@@ -462,3 +462,43 @@ def test_no_dim_by_dim_intermediates():
     assert _big_vars(jax.make_jaxpr(H.update_block)(h, xs), limit) == []
     # the checker does see a d x d array (inside the pjit of to_dense)
     assert _big_vars(jax.make_jaxpr(H.to_dense)(h), limit) != []
+
+
+def _lapack_operand_ranks(hlo: str) -> dict:
+    """``{lapack target: {rank of its first operand}}`` over the custom calls of ``hlo``."""
+    import re
+    ranks: dict = {}
+    for line in hlo.splitlines():
+        m = re.search(r"custom_call @(lapack_\w+)\((.*?)\)\s.*?:\s*\(tensor<([^>]*)>", line)
+        if m:
+            dims = [d for d in m.group(3).split("x")[:-1]]
+            ranks.setdefault(m.group(1), set()).add(len(dims))
+    return ranks
+
+
+def test_update_block_lapack_calls_stay_unbatched_under_vmap_on_cpu(monkeypatch):
+    """On the CPU, the QR / SVD calls of the per-token update are unbatched even when
+    update_block is vmapped over layer slots (as capture does): jaxlib 0.10's batched
+    LAPACK kernels fan out onto XLA's thread pool and deadlock it when several run at once
+    (observed: per-token calibration of SmolLM2 hung with every thread idle). Numerics are
+    covered by the update_block tests above, which run through the same code."""
+    dim, p, slots = 256, 2, 3   # level 0: 128-wide tiles (Brand QR + core SVD); level 1: 64 (SVD)
+    hs = jax.tree.map(lambda a: jnp.broadcast_to(a, (slots,) + a.shape), H.init(dim, p))
+    xs = jnp.ones((slots, 100, dim))
+    f = jax.jit(jax.vmap(lambda h, x: H.update_block(h, x, chunk=64, rank=8)))
+    ranks = _lapack_operand_ranks(f.lower(hs, xs).as_text())
+    qr = [k for k in ranks if "geqrf" in k]
+    svd = [k for k in ranks if "gesdd" in k or "gesvd" in k]
+    assert qr and svd, ranks
+    assert all(r == {2} for r in ranks.values()), ranks
+    # and the serial form gives the batched form's result
+    out = f(hs, xs + jnp.arange(dim) / dim)
+    monkeypatch.setattr(H, "_on_cpu", lambda: False)
+    jax.clear_caches()  # update_block's trace depends on _on_cpu
+    batched = jax.jit(jax.vmap(lambda h, x: H.update_block(h, x, chunk=64, rank=8)))
+    assert any(r != {2} for r in _lapack_operand_ranks(batched.lower(hs, xs).as_text()).values())
+    ref = batched(hs, xs + jnp.arange(dim) / dim)
+    for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(ref)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5 * float(jnp.abs(b).max()))
+    monkeypatch.undo()
+    jax.clear_caches()
