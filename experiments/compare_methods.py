@@ -97,9 +97,9 @@ FAMILY_SWEEP_ARM = "random"
 # (d = 576 or 1536), so under the absolute damping 1e-6 diag((A + l I)^-1) is ~1/l except
 # along the samples' span, and the importance ranks channels by how well that span explains
 # them; relative damping (0.1 mean diag) or per-token factors (rank ~ tokens) change that.
-# `sylva_tokens` is not in the preset: its per-token calibration of model.layers costs roughly
-# 30-60 CPU-minutes on the 2-core machine (it used to hang: jaxlib 0.10's batched LAPACK
-# deadlock, fixed in hierarchy._serial_vmap); run it with --arms.
+# `sylva_tokens` is not in the preset: its per-token calibration of model.layers would take
+# 2 h or more on the 2-core machine (one batch of 8 had not finished after 27 min; it used to
+# hang outright: jaxlib 0.10's batched LAPACK deadlock, fixed in hierarchy._serial_vmap).
 # Rates: the quick study (4 updates) chose the top of every grid, so LoRA's and full
 # fine-tuning's grids sit half a decade higher; the tiles'
 # stays (a first full-study sweep in model.layers, 5x more tiles, preferred 1e-3 to 3.2e-3
