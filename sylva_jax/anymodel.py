@@ -743,6 +743,7 @@ def capture(
     damping: float = 1e-6,
     relative_damping: bool = False,
     keep_dense: bool = False,
+    token_update: str = "auto",
 ) -> capture_lib.Stats:
     """Calibration statistics for any model (ALGORITHM.md sections 0.1 and 1).
 
@@ -767,8 +768,8 @@ def capture(
         ``"attention_mask"``; a batch without it has every position real), a callable
         ``batch -> [B, T]``, or ``None`` (every position real). A product whose input has
         ``P`` positions per sample uses the mask when ``P == T``, and no mask when ``P == 1``.
-      num_partition, factor, factor_kind, damping, relative_damping, keep_dense: as
-        :func:`sylva_jax.capture.preprocess`.
+      num_partition, factor, factor_kind, damping, relative_damping, keep_dense,
+        token_update: as :func:`sylva_jax.capture.preprocess`.
 
     Per sample ``n`` and tracked product ``y = x M^T`` (``x [*lead, in]``, leading axes
     sample-major): ``a_n`` = mean of ``x`` over the sample's real positions, ``g_n`` = mean of
@@ -824,7 +825,8 @@ def capture(
     scoped = {p: flat[p] for p in chosen}
     groups = capture_lib._groups(infos, num_partition, hier)
     upd = capture_lib._factor_update(hier, factor)
-    state = capture_lib._init_state(hier, groups, factor_kind, keep_dense,
+    acc_kind = capture_lib._accumulation_kind(groups, factor, factor_kind, token_update)
+    state = capture_lib._init_state(hier, groups, acc_kind, keep_dense,
                                     {p: infos[p].shape for p in chosen})
     steps: dict = {}
 
@@ -863,6 +865,7 @@ def capture(
             "(overflow in low precision?) and the calibration data")
     matrices = {p: _matrix(scoped[p], _idx_m(products0[p][0], None), products0[p][0].layout)
                 for p in chosen}
+    state = capture_lib._finish_factors(state, groups, hier, acc_kind, factor_kind)
     layers = capture_lib._unstack(state, groups, matrices, seen, keep_dense, factor_kind, hier)
     invs = capture_lib._inv_diags({n: (s.A, s.G) for n, s in layers.items()}, float(damping),
                                   bool(relative_damping))

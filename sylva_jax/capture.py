@@ -66,6 +66,15 @@ FACTOR_KINDS = ("hodlr", "dense", "diagonal")
 # of them for every slot of a dimension group (270 slots of width 576 for SmolLM2's
 # model.layers) exceeded 20 GB.
 TOKEN_SLOT_BATCH = 8
+# How per-token HODLR factors are accumulated (``token_update``): "exact" sums the per-token
+# outer products into dense [dim, dim] accumulators (one matmul per batch) and compresses
+# them to HODLR once at the end (hierarchy.from_dense: the best rank-1 tile of the exact
+# sum); "stream" updates the HODLR factors batch by batch (hierarchy.update_block: no
+# dim x dim array, but thousands of small QR/SVD steps per batch; for SmolLM2's
+# model.layers one batch of 8 sequences took over 27 min on 2 CPU cores). "auto": exact
+# when the dense accumulators of all layers fit in EXACT_TOKEN_BYTES.
+TOKEN_UPDATES = ("auto", "exact", "stream")
+EXACT_TOKEN_BYTES = 2 << 30
 
 
 def _hierarchy():
@@ -543,6 +552,29 @@ def _factor_update(hier, factor: str):
                                      batch_size=TOKEN_SLOT_BATCH)
 
 
+def _accumulation_kind(groups, factor: str, factor_kind: str, token_update: str) -> str:
+    """The factor kind accumulated during the passes: ``factor_kind``, except ``"dense"``
+    for per-token HODLR factors accumulated exactly (see :data:`TOKEN_UPDATES`)."""
+    _check_choice("token_update", token_update, TOKEN_UPDATES)
+    if factor != "tokens" or factor_kind != "hodlr":
+        return factor_kind
+    if token_update == "auto":
+        nbytes = sum(4 * len(g.slots) * g.dim ** 2 for g in groups)
+        token_update = "exact" if nbytes <= EXACT_TOKEN_BYTES else "stream"
+    return "dense" if token_update == "exact" else "hodlr"
+
+
+def _finish_factors(state, groups, hier, acc_kind: str, factor_kind: str):
+    """Dense accumulators -> HODLR factors (``hierarchy.from_dense``, a few slots at a time)
+    when they were accumulated exactly for ``factor_kind="hodlr"``; else unchanged."""
+    if acc_kind == factor_kind:
+        return state
+    factors = [jax.jit(lambda fs, p=g.num_partition: jax.lax.map(
+        lambda f: hier.from_dense(f.mat, p), fs, batch_size=TOKEN_SLOT_BATCH))(fs)
+        for g, fs in zip(groups, state["factors"])]
+    return {**state, "factors": factors}
+
+
 def _accumulate(state, groups, upd, keep_dense: bool, acts, gy, gw):
     """Add one batch's statistics (per layer: ``acts`` / ``gy`` token-mean or per-token
     vectors, ``gw`` weight-gradient sum) to ``state``: one factor update per dimension
@@ -574,6 +606,7 @@ def preprocess(
     damping: float = 1e-6,
     relative_damping: bool = False,
     keep_dense: bool = False,
+    token_update: str = "auto",
 ) -> Stats:
     """Calibration forward/backward passes (ALGORITHM.md sections 0.1 and 1).
 
@@ -596,6 +629,11 @@ def preprocess(
         in the same pass (for the ``kfac`` baseline; ``4 (in^2 + out^2)`` bytes per layer,
         fine for small models). With ``factor_kind="dense"`` the factors are exact already
         and ``A_dense``/``G_dense`` are their matrices.
+    token_update: ``factor="tokens"`` with HODLR factors only: ``"exact"`` (dense
+        accumulators, compressed once at the end; exact leaves and the best rank-1 tile of
+        the exact sum; ``4 dim^2`` bytes per factor), ``"stream"`` (``update_block`` per
+        batch; no ``dim x dim`` array, much slower) or ``"auto"`` (exact when all dense
+        accumulators fit in ``EXACT_TOKEN_BYTES``, 2 GiB).
 
     Factors are sums over samples (no ``1/N``); ``grad_mean`` is the mean over samples.
     Raises ``ValueError`` naming the layer(s) if any statistic or inverse diagonal is
@@ -610,7 +648,8 @@ def preprocess(
     infos = _resolve_scope(fn, scope)
     scoped = _lookup_weights(fn, infos)
     groups = _groups(infos, num_partition, hier)
-    state = _init_state(hier, groups, factor_kind, keep_dense, {n: w.shape for n, w in scoped.items()})
+    acc_kind = _accumulation_kind(groups, factor, factor_kind, token_update)
+    state = _init_state(hier, groups, acc_kind, keep_dense, {n: w.shape for n, w in scoped.items()})
     step = _make_step(fn.apply, groups, factor, keep_dense, hier)
 
     seen = 0
@@ -635,6 +674,7 @@ def preprocess(
             f"non-finite (NaN/inf) calibration statistics in layer(s) {bad}; check the model "
             "(overflow in low precision?) and the calibration data (labels, masks)")
 
+    state = _finish_factors(state, groups, hier, acc_kind, factor_kind)
     layers = _unstack(state, groups, scoped, seen, keep_dense, factor_kind, hier)
     invs = _inv_diags({n: (s.A, s.G) for n, s in layers.items()}, float(damping),
                       bool(relative_damping))

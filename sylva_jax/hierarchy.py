@@ -56,6 +56,7 @@ __all__ = [
     "update_block",
     "matmat",
     "to_dense",
+    "from_dense",
     "inv_diag",
     "solve",
     "diag",
@@ -741,6 +742,38 @@ def to_dense(h: Factor) -> jax.Array:
         f6 = f6.at[j, 0, :, j, 1, :].set(jnp.swapaxes(tiles, 1, 2))
         f = f6.reshape(dd, dd)
     return f[: h.dim, : h.dim]
+
+
+@partial(jax.jit, static_argnames=("num_partition",))
+def from_dense(mat, num_partition: int = 8) -> HodlrFactor:
+    """The HODLR factor of a symmetric ``mat [dim, dim]``: exact leaves, and every
+    off-diagonal tile its best rank-1 approximation (top singular triple).
+
+    This is what :func:`update_block` gives when all vectors come in one block (and so
+    never less accurate than streaming them); it costs ``4 dim^2`` bytes, so capture uses
+    it for per-token statistics only when the dense accumulators fit
+    (``capture.preprocess(token_update=...)``). ``num_partition`` is clamped as in
+    :func:`init`.
+    """
+    mat = jnp.asarray(mat)
+    if mat.ndim != 2 or mat.shape[0] != mat.shape[1]:
+        raise ValueError(f"from_dense needs a square [dim, dim] matrix, got shape {mat.shape}.")
+    h = init(mat.shape[0], num_partition, dtype=mat.dtype)
+    dd, nb, leaf, p = h.padded_dim, 1 << h.num_partition, h.leaf_size, h.num_partition
+    f = jnp.zeros((dd, dd), mat.dtype).at[: h.dim, : h.dim].set(mat)
+    idx = jnp.arange(nb)
+    leaves = f.reshape(nb, leaf, nb, leaf)[idx, :, idx, :]
+    us, ss, vs = [], [], []
+    for k in range(p):
+        t, hk = 1 << k, dd >> (k + 1)
+        j = jnp.arange(t)
+        tiles = f.reshape(t, 2, hk, t, 2, hk)[j, 1, :, j, 0, :]  # lower-left tile of node j
+        uu, sv, vt = jax.vmap(_svd)(tiles)
+        u, s_, v = _finish_triple(uu[:, :, 0], sv[:, 0], vt[:, 0, :])
+        us.append(u)
+        ss.append(s_)
+        vs.append(v)
+    return h.replace(leaves=leaves, u=tuple(us), s=tuple(ss), v=tuple(vs))
 
 
 @jax.jit

@@ -169,7 +169,7 @@ def test_tokens_hodlr_factors_per_slot(model, batches, ref):
     (2 full map batches of 8 and a remainder of 2), so a mixed-up or dropped slot fails."""
     assert capture.TOKEN_SLOT_BATCH == 8
     stats = capture.preprocess(model, batches, scope="model.layers", num_samples=8,
-                               factor="tokens", num_partition=2)
+                               factor="tokens", num_partition=2, token_update="stream")
     lens = [int(b["attention_mask"][i].sum()) for b in batches for i in range(4)]
     for n in LAYERS:
         s = stats[n]
@@ -182,6 +182,23 @@ def test_tokens_hodlr_factors_per_slot(model, batches, ref):
                 assert vecs.shape[0] == sum(lens[4 * b:4 * b + 4])
                 seq = hierarchy.update_block(seq, jnp.asarray(vecs, jnp.float32))
             assert_close(dense(h), dense(seq))
+
+
+def test_tokens_exact_route_is_the_hodlr_of_the_exact_factor(model, batches, ref):
+    """token_update="exact" (what "auto" picks when the dense sums fit): exact leaves and,
+    for every tile, the best rank-1 approximation of the exact per-token sum, i.e.
+    hierarchy.from_dense of the reference A = sum_t x_t x_t^T (and G likewise)."""
+    stats = capture.preprocess(model, batches, scope="model.layers", num_samples=8,
+                               factor="tokens", num_partition=2)  # auto -> exact at this size
+    for n in LAYERS:
+        _, _, A, G, _ = ref_stats(ref[n], "tokens")
+        for which, M in (("A", A), ("G", G)):
+            h = getattr(stats[n], which)
+            assert h.kind == "hodlr" and h.num_partition == 2
+            assert_close(dense(h), dense(hierarchy.from_dense(jnp.asarray(M, jnp.float32), 2)))
+    with pytest.raises(ValueError, match="token_update"):
+        capture.preprocess(model, batches, scope="q_proj", num_samples=4, factor="tokens",
+                           token_update="fast")
 
 
 def test_hodlr_factors_get_the_reference_vectors_in_order(hodlr_stats, ref):

@@ -502,3 +502,22 @@ def test_update_block_lapack_calls_stay_unbatched_under_vmap_on_cpu(monkeypatch)
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5 * float(jnp.abs(b).max()))
     monkeypatch.undo()
     jax.clear_caches()
+
+
+def test_from_dense_is_one_block_update_and_round_trips(x64):
+    """from_dense(X^T X) = update_block with all vectors in one block (exact leaves, top
+    singular triple of each exact tile), and from_dense(to_dense(h)) = h for a HODLR h."""
+    rng = np.random.default_rng(3)
+    dim, p = 100, 3   # padded to 104: padding rows / columns stay zero
+    x = rng.normal(size=(40, dim))
+    one_block = H.update_block(H.init(dim, p, dtype=jnp.float64), jnp.asarray(x), chunk=64)
+    g = H.from_dense(jnp.asarray(x.T @ x), num_partition=p)
+    assert g.num_partition == p and g.padded_dim == one_block.padded_dim
+    np.testing.assert_allclose(np.asarray(H.to_dense(g)), np.asarray(H.to_dense(one_block)),
+                               atol=1e-10 * np.abs(x.T @ x).max())
+    np.testing.assert_allclose(np.asarray(H.diag(g)), np.sum(x * x, axis=0), rtol=1e-12)
+    back = H.from_dense(H.to_dense(one_block), num_partition=p)
+    np.testing.assert_allclose(np.asarray(H.to_dense(back)), np.asarray(H.to_dense(one_block)),
+                               atol=1e-10 * np.abs(x.T @ x).max())
+    with pytest.raises(ValueError, match="square"):
+        H.from_dense(jnp.zeros((3, 4)))
