@@ -97,9 +97,10 @@ FAMILY_SWEEP_ARM = "random"
 # (d = 576 or 1536), so under the absolute damping 1e-6 diag((A + l I)^-1) is ~1/l except
 # along the samples' span, and the importance ranks channels by how well that span explains
 # them; relative damping (0.1 mean diag) or per-token factors (rank ~ tokens) change that.
-# `sylva_tokens` is not in the preset: its per-token calibration of model.layers would take
-# 2 h or more on the 2-core machine (one batch of 8 had not finished after 27 min; it used to
-# hang outright: jaxlib 0.10's batched LAPACK deadlock, fixed in hierarchy._serial_vmap).
+# `sylva_tokens` needs its own per-token calibration: 9.3 min for model.layers with
+# preprocess(token_update="auto" -> "exact") (measured beside the running study). It used to
+# hang (jaxlib 0.10's batched-LAPACK deadlock, fixed in hierarchy._serial_vmap), and the
+# streaming update alone would take hours here.
 # Rates: the quick study (4 updates) chose the top of every grid, so LoRA's and full
 # fine-tuning's grids sit half a decade higher; the tiles'
 # stays (a first full-study sweep in model.layers, 5x more tiles, preferred 1e-3 to 3.2e-3
@@ -109,7 +110,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "full": dict(
         scopes=["model.layers", "self_attn"],
         arms=["sylva", "random", "magnitude", "sylva_spread", "lora", "grad", "fisher", "kfac", "sylva_reldamp",
-              "full"],
+              "sylva_tokens", "full"],
         scope_arms={"self_attn": ["sylva", "random", "lora"]}, sparsity=0.95,
         curve_sparsities=[0.99, 0.95, 0.9, 0.8], curve_scopes=["model.layers"], steps=16, batch=4,
         seeds=3, sweep="arm", lr_points=3, n_heldout=150, n_val=32, heldout_eval=150, curve_n=48,
