@@ -517,7 +517,7 @@ def _all_finite(*trees) -> jax.Array:
 @functools.lru_cache(maxsize=32)
 def _make_step(apply: Callable, groups, factor: str, keep_dense: bool, hier):
     """One jitted program per batch shape: forward/backward with probes, then every
-    factor update (one ``vmap``-ed call per dimension group) and the gradient sums."""
+    factor update (one call per dimension group, see :func:`_factor_update`) and the gradient sums."""
     upd = _factor_update(hier, factor)
 
     fn = _Functional(apply, None, None)
