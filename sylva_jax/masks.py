@@ -14,7 +14,6 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 from typing import Any, Mapping
 
 import numpy as np
@@ -86,26 +85,21 @@ def _check_masks(masks: Mapping[str, Any]) -> dict[str, np.ndarray]:
 
 def save_masks(masks: Mapping[str, Any], path: str | os.PathLike,
                metadata: Mapping[str, Any]) -> str:
-    """Write ``masks`` and ``metadata`` to ``path`` atomically (temp file + ``os.replace``).
+    """Write ``masks`` and ``metadata`` to ``path`` atomically (:func:`sylva_jax.atomic.atomic_open`:
+    temp file, fsync, ``os.replace``).
 
     The stored ``hash`` is (re)computed from the identity fields. Returns the path."""
-    from safetensors.numpy import save_file
+    from safetensors.numpy import save
+
+    from sylva_jax.atomic import atomic_open
 
     arrays = {n: m.astype(np.uint8) for n, m in _check_masks(masks).items()}
     md = _canon(dict(metadata))
     md["hash"] = metadata_hash(md)
     path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".masks-", suffix=".tmp", dir=folder)
-    os.close(fd)
-    try:
-        save_file(arrays, tmp, metadata={"format": FORMAT, "sylva_metadata": json.dumps(md, sort_keys=True)})
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    blob = save(arrays, metadata={"format": FORMAT, "sylva_metadata": json.dumps(md, sort_keys=True)})
+    with atomic_open(path, "wb") as f:
+        f.write(blob)
     return path
 
 

@@ -61,18 +61,20 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path, monkeypatch):
     path = tmp_path / "m.safetensors"
     M.save_masks(example_masks(), path, example_meta())
     before = path.read_bytes()
-    import safetensors.numpy
+    import sylva_jax.atomic
 
-    def boom(tensors, filename, metadata=None):
-        with open(filename, "wb") as f:
-            f.write(b"partial")
+    def boom(fd):  # the new bytes are in the temporary file; the disk then fails
         raise OSError("disk full")
 
-    monkeypatch.setattr(safetensors.numpy, "save_file", boom)
+    monkeypatch.setattr(sylva_jax.atomic.os, "fsync", boom)
     with pytest.raises(OSError, match="disk full"):
         M.save_masks({"x": np.ones((1, 1), bool)}, path, example_meta(sparsity=0.5))
     assert path.read_bytes() == before
     assert os.listdir(tmp_path) == ["m.safetensors"]  # no temporary left behind
+    monkeypatch.undo()
+    M.save_masks({"x": np.ones((1, 1), bool)}, path, example_meta(sparsity=0.5))
+    masks, meta = M.load_masks(path)
+    assert list(masks) == ["x"] and meta["sparsity"] == 0.5
 
 
 def test_load_errors(tmp_path):
