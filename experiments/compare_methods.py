@@ -302,8 +302,8 @@ class Study:
             return nll.sum(axis=1), valid.sum(axis=1)
 
         @jax.jit
-        def logits(params, ids, am):
-            return llama.apply(graphdef, params, ids, am)
+        def logits(params, ids, am):  # [B, V] at each row's last real token (MMLU's answer)
+            return llama.apply(graphdef, params, ids, am, logits_at=jnp.sum(am, axis=-1) - 1)
 
         self._sums, self._logits, self._jnp = sums, logits, jnp
         self.heldout_ex = self.ex["heldout"][: self.s["heldout_eval"]]

@@ -7,7 +7,9 @@
 - ``step(state, batch) -> (state, metrics)``: one optimizer update over ``accum_steps``
   micro-batches, jitted with the state DONATED (its buffers are reused for the new state;
   do not touch the old state afterwards);
-- ``num_trainable``, ``logits(state, input_ids, attention_mask)``, ``eval_loss(state, batch)``.
+- ``num_trainable``, ``logits(state, input_ids, attention_mask, positions=None)`` (``[B, T, V]``,
+  or ``[B, V]`` at ``positions [B]``: the LM head then runs only there when ``apply_fn``
+  takes ``logits_at=``), ``eval_loss(state, batch)``.
 
 Methods (the loss is always the token-mean ``lm_loss`` of :mod:`sylva_jax.losses`):
 
@@ -152,6 +154,17 @@ def _resolve_model(model_or_graphdef, apply_fn):
         if not _is_graphdef(model_or_graphdef):
             graphdef, params = llama.split(model_or_graphdef)
     return graphdef, apply_fn, params
+
+
+def _takes_logits_at(apply_fn) -> bool:
+    """Whether ``apply_fn`` accepts ``logits_at=`` (ours does; a custom one may not)."""
+    import inspect
+
+    try:
+        params = inspect.signature(apply_fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return "logits_at" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
 
 
 def _is_graphdef(obj) -> bool:
@@ -433,12 +446,18 @@ def make_train_step(
         trainer.num_trainable = _num_trainable(method, adapter, state)
         return state
 
-    def logits(state, input_ids, attention_mask=None):
+    def logits(state, input_ids, attention_mask=None, positions=None):
         if method == "lora":
             fn = lora_lib.lora_linear_fn(state.extras, dropout=0.0)
         else:
             fn = None
-        return apply_fn(graphdef, state.params, input_ids, attention_mask, linear_fn=fn)
+        if positions is None:
+            return apply_fn(graphdef, state.params, input_ids, attention_mask, linear_fn=fn)
+        if _takes_logits_at(apply_fn):  # the LM head runs at the B positions only
+            return apply_fn(graphdef, state.params, input_ids, attention_mask, linear_fn=fn,
+                            logits_at=positions)
+        out = apply_fn(graphdef, state.params, input_ids, attention_mask, linear_fn=fn)
+        return out[jnp.arange(out.shape[0]), positions]
 
     jit_logits = jax.jit(logits)
 

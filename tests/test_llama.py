@@ -375,3 +375,32 @@ def test_bad_inputs_are_clear_errors():
         model(jnp.ones((2, 5), jnp.int32), jnp.ones((2, 4), jnp.int32))
     with pytest.raises(ValueError, match="dtype"):
         tiny(dtype="int8")
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_logits_at_equals_the_full_logits_at_those_positions(tied):
+    """``logits_at`` runs the norm and head on one position per row: the same numbers as
+    gathering the full ``[B, T, V]`` logits, with or without a linear hook (LoRA's path)."""
+    config = tiny(tie_word_embeddings=tied)
+    graphdef, params = split(randomized(config))
+    ids, mask = batch(config.vocab_size)  # right padding: rows of different lengths
+    pos = jnp.asarray(np.asarray(mask).sum(-1) - 1)
+    assert len(set(np.asarray(pos).tolist())) > 1
+    full = np.asarray(FWD(graphdef, params, ids, mask))
+    picked = full[np.arange(ids.shape[0]), np.asarray(pos)]
+    heads = []
+
+    def spy(name, x, w, b):
+        if name == "lm_head.weight":
+            heads.append(x.shape)
+        return dense_linear(name, x, w, b)
+
+    at = jax.jit(lambda p, q: apply(graphdef, params, ids, mask, logits_at=q))(params, pos)
+    hooked = apply(graphdef, params, ids, mask, logits_at=pos, linear_fn=spy)
+    assert at.shape == (ids.shape[0], config.vocab_size)
+    # one [B, 1, D] x [D, V] product instead of [B, T, D] x [D, V]: same sums, another blocking
+    np.testing.assert_allclose(np.asarray(at), picked, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(hooked), picked, rtol=1e-5, atol=1e-5)
+    assert heads == [(ids.shape[0], 1, config.hidden_size)]
+    with pytest.raises(ValueError, match="logits_at must be one integer position per row"):
+        apply(graphdef, params, ids, mask, logits_at=pos[:1])

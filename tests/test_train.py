@@ -321,6 +321,37 @@ def test_lora_grads_match_explicit_formula_and_merge(base, trainers, dense):
         assert same == (path not in lora.factors), path
 
 
+def test_logits_at_positions_with_lora_and_with_a_custom_apply_fn(base, trainers):
+    """``trainer.logits(..., positions=p)`` is the full logits gathered at ``p``: through
+    ``logits_at`` for our model (LoRA's hooked head included), and by gathering for an
+    ``apply_fn`` that does not take ``logits_at``."""
+    graphdef, params = base
+    lora = init_lora(params, scope="self_attn", rank=4, alpha=8.0, rng=0)
+    lora = lora.replace(factors=jax.tree.map(lambda x: x + 0.03, lora.factors))  # B != 0
+    batch = make_batch(5, 2)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    pos = jnp.sum(mask, axis=-1) - 1
+    state = trainers["lora"].init(params, lora=lora)
+    full = np.asarray(trainers["lora"].logits(state, ids, mask))
+    want = full[np.arange(ids.shape[0]), np.asarray(pos)]
+    got = trainers["lora"].logits(state, ids, mask, positions=pos)
+    assert got.shape == want.shape
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)  # one head row vs T: blocking only
+
+    def plain(gd, p, i, m, *, linear_fn=None):  # a custom model function without logits_at
+        return llama.apply(gd, p, i, m, linear_fn=linear_fn)
+
+    from sylva_jax.train import _takes_logits_at
+
+    assert _takes_logits_at(llama.apply) and not _takes_logits_at(plain)
+    custom = make_train_step(graphdef, method="full", learning_rate=1e-3, schedule="constant", warmup_steps=0,
+                             apply_fn=plain)
+    cstate = custom.init(copy(params))
+    np.testing.assert_array_equal(
+        np.asarray(custom.logits(cstate, ids, mask, positions=pos)),
+        np.asarray(custom.logits(cstate, ids, mask))[np.arange(ids.shape[0]), np.asarray(pos)])
+
+
 def test_lora_dropout_is_on_the_branch_and_seeded(base):
     _, params = base
     lora = init_lora(params, scope="self_attn", rank=4, alpha=8.0, rng=0)

@@ -565,15 +565,21 @@ class LlamaForCausalLM(nnx.Module):
                                   use_bias=False, config=config, rngs=rngs)
 
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None, *,
-                 linear_fn: LinearFn | None = None, position_ids: jax.Array | None = None) -> jax.Array:
+                 linear_fn: LinearFn | None = None, position_ids: jax.Array | None = None,
+                 logits_at: jax.Array | None = None) -> jax.Array:
         """input_ids ``[B, T]`` int; attention_mask ``[B, T]`` (1 = real) -> logits ``[B, T, V]`` float32.
 
         ``position_ids`` ``[B, T]`` defaults to :func:`default_position_ids` of the mask.
+        ``logits_at`` ``[B]`` int: return only each row's logits at that position, ``[B, V]``;
+        the LM head then runs on ``B`` hidden states instead of ``B x T`` (scoring a
+        multiple-choice answer needs one position, and the full ``[B, T, V]`` float32
+        logits of a 5-shot batch run to gigabytes).
         """
-        logits, _ = self._forward(input_ids, attention_mask, linear_fn, position_ids, None)
+        logits, _ = self._forward(input_ids, attention_mask, linear_fn, position_ids, None, logits_at)
         return logits
 
-    def _forward(self, input_ids, attention_mask, linear_fn, position_ids, cache: KVCache | None):
+    def _forward(self, input_ids, attention_mask, linear_fn, position_ids, cache: KVCache | None,
+                 logits_at: jax.Array | None = None):
         c = self.config
         input_ids = jnp.asarray(input_ids)
         if input_ids.ndim != 2 or not jnp.issubdtype(input_ids.dtype, jnp.integer):
@@ -620,6 +626,12 @@ class LlamaForCausalLM(nnx.Module):
                 h = nnx.remat(block)(layer, h, cos, sin, mask)
             else:
                 h = layer(h, cos, sin, mask, linear_fn)[0]
+        if logits_at is not None:
+            logits_at = jnp.asarray(logits_at)
+            if logits_at.shape != (B,) or not jnp.issubdtype(logits_at.dtype, jnp.integer):
+                raise ValueError(f"logits_at must be one integer position per row, shape {(B,)}; "
+                                 f"got {logits_at.dtype} {logits_at.shape}")
+            h = h[jnp.arange(B), logits_at][:, None]  # [B, 1, D]: the norm and head are per token
         h = self.model.norm(h)
         if self.lm_head is None:
             w, name = self.model.embed_tokens.weight[...], "lm_head.weight"
@@ -629,6 +641,8 @@ class LlamaForCausalLM(nnx.Module):
             logits = dense_linear(name, h, w, None, out_dtype=jnp.float32)
         else:
             logits = linear_fn(name, h, w, None).astype(jnp.float32)
+        if logits_at is not None:
+            logits = logits[:, 0]
         new_cache = None
         if cache is not None:
             new_cache = KVCache(tuple(new_keys), tuple(new_values), valid, index + T,
@@ -665,9 +679,11 @@ def merge(graphdef, params) -> LlamaForCausalLM:
 
 
 def apply(graphdef, params, input_ids, attention_mask=None, *, linear_fn: LinearFn | None = None,
-          position_ids=None) -> jax.Array:
-    """Pure forward pass: logits ``[B, T, V]`` float32; jittable, differentiable in ``params``."""
-    return merge(graphdef, params)(input_ids, attention_mask, linear_fn=linear_fn, position_ids=position_ids)
+          position_ids=None, logits_at=None) -> jax.Array:
+    """Pure forward pass: logits ``[B, T, V]`` float32 (``[B, V]`` at ``logits_at`` ``[B]``,
+    see :meth:`LlamaForCausalLM.__call__`); jittable, differentiable in ``params``."""
+    return merge(graphdef, params)(input_ids, attention_mask, linear_fn=linear_fn,
+                                   position_ids=position_ids, logits_at=logits_at)
 
 
 def init_cache(config: LlamaConfig, batch: int, max_len: int, dtype=None) -> KVCache:
