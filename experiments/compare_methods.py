@@ -912,6 +912,12 @@ class Study:
         stem = self.out.with_suffix("")
         arms = self.res["arms"]
         scopes = self.s["scopes"]
+        from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
+
+        # one colour per arm name, the same in every panel (more arms than the 10-colour cycle)
+        names = sorted({a["arm"] for k, a in arms.items() if "@" not in k})
+        palette = [plt.get_cmap("tab10")(i) for i in range(10)] + ["black", "olive", "navy", "teal"]
+        colour = {n: palette[i % len(palette)] for i, n in enumerate(names)}
         fig, axes = plt.subplots(1, len(scopes), figsize=(7 * len(scopes), 4.5), squeeze=False)
         for ax, scope in zip(axes[0], scopes):
             for key, a in arms.items():
@@ -919,7 +925,7 @@ class Study:
                     continue
                 curve = a["runs"][0]["curve"]  # seed 0: the only run with snapshots
                 ax.plot([p[0] for p in curve], [p[1] for p in curve], marker="o", label=f"{a['arm']} (lr {a['best_lr']:.2g})",
-                        linestyle="--" if a["family"] != "tiles" else "-")
+                        linestyle="--" if a["family"] != "tiles" else "-", color=colour[a["arm"]])
             ax.set_xlabel("optimizer step")
             ax.set_ylabel(f"held-out loss (first {self.curve_n} held-out examples, seed 0)")
             ax.set_title(f"scope {scope}")
@@ -937,7 +943,14 @@ class Study:
                     for p in pts:
                         ax.annotate(f"{p[2]:g}", (p[0], p[1]), fontsize=7)
             ax.axhline(self.res["base"]["heldout_loss"], color="gray", lw=0.8, label="untuned")
-            ax.set_xscale("log")
+            counts = [a["trainable_params"] for a in arms.values() if a["scope"] == scope and a["arm"] in ("sylva", "lora")]
+            if counts and max(counts) > 3 * min(counts):  # a log axis only where it spans a range
+                ax.set_xscale("log")
+                ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+            else:
+                ax.xaxis.set_major_locator(MaxNLocator(4))
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v / 1e6:.4g} M"))
+            ax.xaxis.set_minor_formatter(NullFormatter())
             ax.set_xlabel("trainable parameters (labels: tile sparsity / matched LoRA rank's sparsity)")
             ax.set_ylabel("held-out loss (seed 0)")
             ax.set_title(f"scope {scope}")
