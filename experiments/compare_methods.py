@@ -931,7 +931,7 @@ class Study:
 
         # one colour per arm name, the same in every panel (more arms than the 10-colour cycle)
         names = sorted({a["arm"] for k, a in arms.items() if "@" not in k})
-        palette = [plt.get_cmap("tab10")(i) for i in range(10)] + ["black", "olive", "navy", "teal"]
+        palette = [plt.get_cmap("tab10")(i) for i in range(10)] + ["black", "navy", "lime", "teal"]
         colour = {n: palette[i % len(palette)] for i, n in enumerate(names)}
         fig, axes = plt.subplots(1, len(scopes), figsize=(7 * len(scopes), 4.5), squeeze=False)
         for ax, scope in zip(axes[0], scopes):
