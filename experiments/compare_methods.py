@@ -439,8 +439,7 @@ class Study:
             if arm in TILE_ARMS:
                 m = self.masks(scope, arm, self.s["sparsity"], 0)
                 if ref is not None:
-                    both = sum(int((m[n] & ref[n]).sum()) for n in ref)
-                    out[arm] = both / max(sum(int(m[n].sum()) for n in m), 1)
+                    out[arm] = mask_overlap(m, ref)
                 cov[arm] = mask_spread(m)
         if ref is not None:
             self.res.setdefault("mask_overlap_with_sylva", {})[scope] = out
@@ -974,6 +973,12 @@ class Study:
         fig.savefig(f"{stem}_params.png", dpi=100)
         plt.close(fig)
         log(f"plots: {stem}_curves.png, {stem}_params.png")
+
+
+def mask_overlap(masks: dict, ref: dict) -> float:
+    """The fraction of the tiles kept by ``masks`` that ``ref`` keeps too (same layers)."""
+    both = sum(int((masks[n] & ref[n]).sum()) for n in ref)
+    return both / max(sum(int(m.sum()) for m in masks.values()), 1)
 
 
 def mask_spread(masks: dict) -> dict:

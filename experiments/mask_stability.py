@@ -63,9 +63,7 @@ def main() -> dict:
         rows[arm] = {}
         for n in sizes:
             m = masks[(n, arm)]
-            kept = sum(int(m[k].sum()) for k in m)
-            both = sum(int((m[k] & ref[k]).sum()) for k in ref)
-            rows[arm][str(n)] = {"overlap_with_largest": both / max(kept, 1), "spread": cm.mask_spread(m)}
+            rows[arm][str(n)] = {"overlap_with_largest": cm.mask_overlap(m, ref), "spread": cm.mask_spread(m)}
         cm.log(f"{arm}: overlap with {top} samples " +
                ", ".join(f"{n}: {rows[arm][str(n)]['overlap_with_largest']:.2f}" for n in sizes))
     result = {"scope": args.scope, "sparsity": base["sparsity"], "block_size": base["block_size"],
