@@ -29,6 +29,7 @@ import numpy as np
 from flax import nnx
 
 from sylva_jax import tree
+from sylva_jax.inputs import reading
 from sylva_jax.models.llama import LlamaConfig, LlamaForCausalLM, pure_dict
 
 __all__ = [
@@ -51,6 +52,8 @@ _HUB_PATTERNS = ["config.json", "generation_config.json", "*.safetensors", "mode
                  "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
                  "vocab.json", "merges.txt", "chat_template.jinja", "added_tokens.json"]
 _IGNORED_HF_KEYS = ("rotary_emb.inv_freq",)
+_REEXPORT = ("the file is truncated or corrupt: download the model again, or re-export it "
+             "with save_pretrained")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 
 
@@ -151,7 +154,7 @@ def load_hf_dir(path: str, **overrides):
     if not os.path.isfile(cfg_path):
         raise FileNotFoundError(f"{path!r} has no config.json; a Hugging Face model directory needs config.json "
                                 "and model.safetensors (or model.safetensors.index.json with its shards)")
-    config = LlamaConfig.from_json(cfg_path, **overrides)
+    config = LlamaConfig.from_json(cfg_path, **overrides)  # names the file and the key itself
     from safetensors import safe_open
 
     index = os.path.join(path, "model.safetensors.index.json")
@@ -159,8 +162,8 @@ def load_hf_dir(path: str, **overrides):
     if os.path.isfile(single):
         files = [single]
     elif os.path.isfile(index):
-        with open(index) as f:
-            weight_map = json.load(f).get("weight_map", {})
+        with reading(index, "shard index", _REEXPORT), open(index) as f:
+            weight_map = json.load(f)["weight_map"]
         files = sorted({os.path.join(path, v) for v in weight_map.values()})
         absent = [f for f in files if not os.path.isfile(f)]
         if absent:
@@ -170,7 +173,7 @@ def load_hf_dir(path: str, **overrides):
                                 "(PyTorch .bin checkpoints are not supported: convert them to safetensors)")
     flat = {}
     for file in files:
-        with safe_open(file, framework="flax") as f:
+        with reading(file, "model weights", _REEXPORT), safe_open(file, framework="flax") as f:
             for k in f.keys():
                 flat[k] = f.get_tensor(k)
     model = params_from_flat(config, flat, source=path)
@@ -184,7 +187,8 @@ def _hf_tokenizer(path: str):
         return None
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(path)
+    with reading(path, "tokenizer files in", _REEXPORT):
+        tok = AutoTokenizer.from_pretrained(path)
     if tok.pad_token_id is None and tok.eos_token_id is not None:
         tok.pad_token = tok.eos_token
     return tok
@@ -396,12 +400,15 @@ def load_gguf(path: str, **overrides):
 
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no GGUF file at {path!r}")
-    reader = open_gguf(path)
+    fix = "the file is truncated or not a GGUF: download or convert it again"
+    with reading(path, "GGUF file", fix):
+        reader = open_gguf(path)
     config = gguf_config(reader, **overrides)
     flat = {}
     for t in reader.tensors:
         name = _gguf_name(t.name)
-        w = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32)
+        with reading(path, f"GGUF tensor {t.name} of", fix):
+            w = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32)
         if name.endswith(("q_proj.weight", "q_proj.bias")):
             w = unpermute_qk(w, config.num_attention_heads)
         elif name.endswith(("k_proj.weight", "k_proj.bias")):
