@@ -24,21 +24,24 @@ to (:func:`fingerprint`). Loading writes the saved tiles into a freshly loaded b
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from sylva_jax import tree as tree_lib
+from sylva_jax.inputs import reading
 
 __all__ = [
+    "CheckpointWriteError",
     "RunCheckpoints",
     "checkpoint_manager",
     "save_state",
@@ -157,9 +160,42 @@ def restore_state(manager, target_state: Any, *, step: int | None = None) -> tup
         step = manager.latest_step()
         if step is None:
             return None
-    restored = manager.restore(int(step), args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(_abstract(target_state)), extra=ocp.args.JsonRestore()))
+    where = Path(manager.directory) / str(int(step))
+    with reading(where, "checkpoint", "it is damaged or from another run: delete that step's "
+                 "directory to resume from an earlier one, or start afresh"):
+        restored = manager.restore(int(step), args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(_abstract(target_state)), extra=ocp.args.JsonRestore()))
     return restored["state"], dict(restored["extra"] or {})
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (a full disk, a failing file system, a crash inside
+    the writer). The step being written is discarded; complete earlier steps stay loadable."""
+
+
+@contextlib.contextmanager
+def _writing(directory: Path, what: str, last_good: Callable[[], int | None]):
+    try:
+        yield
+    except CheckpointWriteError:
+        raise
+    except Exception as e:
+        good = last_good()
+        keep = (f"the last complete checkpoint (step {good}) is intact and a relaunch resumes from it"
+                if good is not None else "no complete checkpoint exists yet")
+        raise CheckpointWriteError(f"could not write {what} under {directory}: {_cause(e)}. "
+                                   f"Free disk space or fix the file system; {keep}.") from e
+
+
+def _cause(e: BaseException) -> str:
+    """The telling part of a writer's error: the OS error if there is one, else its text
+    (long tensorstore messages keep their head and their tail, where the OS error is)."""
+    text = " ".join(str(e).split())
+    if "No space left on device" in text or getattr(e, "errno", None) == 28:
+        return "no space left on device (ENOSPC)"
+    if len(text) > 400:
+        text = text[:180] + " ... " + text[-200:]
+    return f"{type(e).__name__}: {text}"
 
 
 class RunCheckpoints:
@@ -200,7 +236,8 @@ class RunCheckpoints:
         the training loop may call this after every step."""
         if not force and int(step) % self.save_every:
             return False
-        return save_state(self.latest, step, state, extra=extra)
+        with self._writing(f"the checkpoint of step {int(step)}"):
+            return save_state(self.latest, step, state, extra=extra)
 
     def save_best(self, step: int, state: Any, metrics: Mapping[str, float],
                   extra: Mapping[str, Any] | None = None) -> bool:
@@ -208,8 +245,9 @@ class RunCheckpoints:
         ``metrics[best_metric]``."""
         if self.best_metric not in metrics:
             raise KeyError(f"save_best needs metrics[{self.best_metric!r}]; got {sorted(metrics)}")
-        return save_state(self.best, step, state, extra={**(extra or {}), "metrics": dict(metrics)},
-                          metrics=metrics)
+        with self._writing(f"the best checkpoint of step {int(step)}"):
+            return save_state(self.best, step, state,
+                              extra={**(extra or {}), "metrics": dict(metrics)}, metrics=metrics)
 
     def restore_latest(self, target_state: Any) -> tuple[Any, dict] | None:
         """``(state, extra)`` of the latest resume checkpoint, or ``None``."""
@@ -235,9 +273,20 @@ class RunCheckpoints:
         return self.best.best_step()
 
     def wait(self) -> None:
-        """Block until pending asynchronous saves are on disk (raises their errors)."""
-        self.latest.wait_until_finished()
-        self.best.wait_until_finished()
+        """Block until pending asynchronous saves are on disk (raises their errors as
+        :class:`CheckpointWriteError`)."""
+        with self._writing("a checkpoint"):
+            self.latest.wait_until_finished()
+            self.best.wait_until_finished()
+
+    def _writing(self, what: str):
+        def last_good():
+            try:
+                self.latest.reload()
+                return self.latest.latest_step()
+            except Exception:  # the error being reported may be what breaks the listing
+                return None
+        return _writing(self.directory, what, last_good)
 
     def close(self) -> None:
         self.latest.close()
@@ -376,15 +425,20 @@ def load_adapter(path: str | os.PathLike, params: Any, *, check_base: bool = Tru
     if not (path / _META).is_file() or not (path / _TILES).is_file():
         raise FileNotFoundError(f"{path} is not an adapter directory (needs {_META} and {_TILES}; "
                                 "write one with save_adapter)")
-    meta = json.loads((path / _META).read_text())
+    fix = "the adapter is truncated or corrupt: save it again with save_adapter"
+    with reading(path / _META, "adapter metadata", fix):
+        meta = json.loads((path / _META).read_text())
+        if not isinstance(meta, dict):
+            raise ValueError("not a JSON object")
     if meta.get("format") != ADAPTER_FORMAT:
         raise ValueError(f"{path}: unknown adapter format {meta.get('format')!r}, expected {ADAPTER_FORMAT!r}")
-    arrays = load_file(str(path / _TILES))
-    state = {"block_size": np.asarray(meta["block_size"]), "layout": np.asarray(meta["layout"])}
-    for key, value in arrays.items():
-        if not key.startswith("tiles/"):
-            state[key] = value
-    adapter = Adapter.from_state_dict(state)
+    with reading(path / _TILES, "adapter tiles", fix):
+        arrays = load_file(str(path / _TILES))
+        state = {"block_size": np.asarray(meta["block_size"]), "layout": np.asarray(meta["layout"])}
+        for key, value in arrays.items():
+            if not key.startswith("tiles/"):
+                state[key] = value
+        adapter = Adapter.from_state_dict(state)
     flat = tree_lib.flatten(params)
     for p, shape in adapter.shapes.items():
         if p not in flat:

@@ -26,7 +26,7 @@ class InputFileError(ValueError):
 
 
 def _reason(e: BaseException) -> str:
-    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    text = str(e).strip().splitlines()[0].rstrip(".") if str(e).strip() else ""
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
