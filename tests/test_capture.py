@@ -396,7 +396,7 @@ def test_stats_accumulator_checks():
 
 
 CALIBRATION_MODULES = ("capture", "anymodel", "statistics", "scope", "importance", "masks",
-                       "hierarchy", "curvature")
+                       "hierarchy", "curvature", "data")
 
 
 def _sylva_imports(path, module):
