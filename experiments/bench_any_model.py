@@ -1,7 +1,7 @@
 """Benchmark: Sylva on an unchanged Flax Linen transformer via ``sylva_jax.anymodel.sparsify``
 against a dense-gradient step over the same masked pytree (``optax.masked`` style).
 
-ALGORITHM.md section 4. Both arms train the same tiles with Adam from the same weights:
+docs/algorithm.md §5. Both arms train the same tiles with Adam from the same weights:
 
   sparsify      g = anymodel.sparsify(loss, adapter); grads w.r.t. the tiles only
                 (embedded_linear: dense forward, sdd tile gradients, no [out, in] dW);

@@ -3,7 +3,7 @@
 For each dim (default 576, 1536, 4096, 11008; ``P = 8``, dims zero-padded to a multiple of
 2^P where needed) a float32 HODLR factor is filled with 64 random rank-1 updates, then
 
-- ``hodlr``: ``hierarchy.inv_diag(h, lam)`` (jitted; bottom-up Woodbury, ALGORITHM.md s.2),
+- ``hodlr``: ``curvature.inv_diag(h, lam)`` (jitted; bottom-up Woodbury, docs/algorithm.md §3),
 - ``dense``: ``diag(jnp.linalg.inv(to_dense(h) + lam I))`` (jitted; the assembled matrix is
   built outside the timed region),
 
@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sylva_jax import hierarchy as H
+from sylva_jax import curvature as H
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -128,7 +128,7 @@ def main() -> None:
         rows.append(bench_dim(dim, args.num_partition, args.reps, dense_reps, args.damping,
                               args.relative, i))
     result = {
-        "benchmark": "hierarchy.inv_diag (HODLR, bottom-up Woodbury) vs diag(jnp.linalg.inv(dense))",
+        "benchmark": "curvature.inv_diag (HODLR, bottom-up Woodbury) vs diag(jnp.linalg.inv(dense))",
         "dtype": "float32",
         "damping": args.damping,
         "relative_damping": args.relative,

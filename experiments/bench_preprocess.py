@@ -26,7 +26,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from sylva_jax import capture, hierarchy, importance  # noqa: E402
+from sylva_jax import capture, curvature, importance  # noqa: E402
 from sylva_jax import tree as tree_lib  # noqa: E402
 from sylva_jax.losses import lm_loss  # noqa: E402
 from sylva_jax.models import llama  # noqa: E402
@@ -56,7 +56,7 @@ def calibration_batches(tokenizer, n, seq, batch):
 
 def plain_passes(model, scope):
     """Jitted forward+backward (grad w.r.t. the scoped weights only), summed over batches."""
-    fn = capture._functional(model)
+    fn = capture.functional_model(model)
     scoped = capture.scoped_weights(fn, scope)
 
     @functools.partial(jax.jit, donate_argnums=0)  # same buffer donation as preprocess
@@ -142,7 +142,7 @@ def main():
     per_dim = {}
     for n, s in stats.items():
         for h in (s.A, s.G):
-            d = per_dim.setdefault(str(h.dim), {"factors": 0, "bytes_each": hierarchy.nbytes(h),
+            d = per_dim.setdefault(str(h.dim), {"factors": 0, "bytes_each": curvature.nbytes(h),
                                                 "dense_bytes_each": 4 * h.dim * h.dim,
                                                 "num_partition": h.num_partition,
                                                 "padded_dim": h.padded_dim})

@@ -18,6 +18,9 @@ _EXPORTS = {
     "save_pretrained": "sylva_jax.models.loading",
     # pre-processing
     "preprocess": "sylva_jax.capture",
+    "Stats": "sylva_jax.statistics",
+    "StatsAccumulator": "sylva_jax.statistics",
+    "match_scope": "sylva_jax.scope",
     "select_blocks": "sylva_jax.importance",
     "compute_masks": "sylva_jax.importance",
     "save_masks": "sylva_jax.masks",

@@ -12,7 +12,7 @@ structural operations (``transpose``, ``reshape``, ``squeeze``, ``expand_dims``,
 branches), to the ``dot_general`` that consumes it. While following, we keep for the
 derived value ``V`` an integer array ``idx`` of ``V``'s shape holding, per element, its flat
 position in ``W`` (NumPy, at trace time); so the product's weight in ``[out, in]`` terms
-(ALGORITHM.md notation ``y = x W^T``) is ``M = W.ravel()[idx_M]`` with ``out`` = the weight
+(``docs/algorithm.md`` notation ``y = x W^T``) is ``M = W.ravel()[idx_M]`` with ``out`` = the weight
 operand's free axes and ``in`` = its contracted axes. ``M`` is a free view of the stored
 leaf in one of the adapter layouts:
 
@@ -26,9 +26,9 @@ tracked products, rewrites ``dot_general(X, V)`` as ``x @ M^T`` with ``x = X`` t
 ``[*free, in]`` and
 
 - for :func:`capture`: taps the product (token mean of ``x`` per sample, a zero probe added
-  to ``y`` whose gradient is the per-sample sum of ``dL/dy``; ALGORITHM.md section 1);
+  to ``y`` whose gradient is the per-sample sum of ``dL/dy``; ``docs/algorithm.md`` §1);
 - for :func:`sparsify`: computes it with :func:`sylva_jax.ops.embedded_linear` through the
-  adapter's ``linear_fn`` hook (dense forward, ``sdd`` tile gradients; section 4).
+  adapter's ``linear_fn`` hook (dense forward, ``sdd`` tile gradients; §5).
 
 Every other equation is re-bound unchanged; nested programs that no tracked weight enters
 are re-bound as they are (their custom derivative rules kept). A tracked leaf that the
@@ -55,8 +55,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sylva_jax import capture as capture_lib
 from sylva_jax import tree as tree_lib
+from sylva_jax.scope import match_scope
+from sylva_jax.statistics import FACTOR_KINDS, FACTORS, Stats, StatsAccumulator, check_choice
 
 try:  # public home of the jaxpr types (jax >= 0.4.30); jax.core kept them before
     from jax.extend import core as _jcore
@@ -466,7 +467,7 @@ def find_products(fn: Callable, params, *args, scope=None):
     Args:
       fn: any function of a parameter pytree (and arrays ``args``).
       params: the parameter pytree; leaves are named by ``sylva_jax.tree.flatten``.
-      scope: which leaves to follow (``capture.match_scope`` syntax); ``None``: every leaf
+      scope: which leaves to follow (``sylva_jax.scope.match_scope`` syntax); ``None``: every leaf
         with at least two dimensions.
 
     Returns:
@@ -475,13 +476,13 @@ def find_products(fn: Callable, params, *args, scope=None):
       other way too (or only); a leaf can be in both.
     """
     names = list(_candidates(params))
-    tracked = names if scope is None else capture_lib.match_scope(scope, names)
+    tracked = names if scope is None else match_scope(scope, names)
     interp = _analyse(_trace(fn, params, args), tracked)
     return interp.products, interp.unfollowed
 
 
 # --------------------------------------------------------------------------------------
-# sparsify (ALGORITHM.md section 4)
+# sparsify (docs/algorithm.md §5)
 # --------------------------------------------------------------------------------------
 
 
@@ -562,7 +563,7 @@ def _check_adapted(traced, paths, adapter, flat):
 
 
 # --------------------------------------------------------------------------------------
-# capture (ALGORITHM.md sections 0.1 and 1)
+# capture (docs/algorithm.md §1)
 # --------------------------------------------------------------------------------------
 
 
@@ -620,7 +621,7 @@ def _make_tap(factor, probes, mask, nb, acts, counts):
     (sample-major: ``[B, T, ...]`` or ``[B*T, ...]``): records the masked token mean of
     ``x`` (``[nb, in]``; ``[nb, P, in]`` zero at padding for ``"tokens"``) and adds the probe
     ``e [nb, out]`` times the mask to ``y``, so ``dL/de`` is the per-sample sum of ``dL/dy``
-    over real tokens (capture.py's definition)."""
+    over real tokens (``docs/algorithm.md`` §1)."""
 
     def tap(path, x, y, gate):
         inn, out = x.shape[-1], y.shape[-1]
@@ -654,8 +655,8 @@ def _make_tap(factor, probes, mask, nb, acts, counts):
 
 
 def _batch_statistics(traced, products, mode, factor, scoped, dyn, batch_pos, mask):
-    """``(acts, grads_y, grads_w)`` as ``capture._batch_statistics`` (same shapes and
-    meaning) for a generic loss; traceable. ``dyn``: the jaxpr inputs with the batch leaves
+    """``(acts, grads_y, grads_w)`` for a generic loss, with the shapes and meaning of
+    :mod:`sylva_jax.statistics` (what a ``StatsAccumulator`` takes); traceable. ``dyn``: the jaxpr inputs with the batch leaves
     at ``batch_pos``; ``scoped``: {path: leaf} differentiated."""
     B = int(np.shape(dyn[batch_pos[0]])[0])
     per = {p: math.prod(pr[0].x_shape) // (1 if mode == "sample" else B)
@@ -744,10 +745,10 @@ def capture(
     relative_damping: bool = False,
     keep_dense: bool = False,
     token_update: str = "auto",
-) -> capture_lib.Stats:
-    """Calibration statistics for any model (ALGORITHM.md sections 0.1 and 1).
+) -> Stats:
+    """Calibration statistics for any model (``docs/algorithm.md`` §1).
 
-    The same :class:`sylva_jax.capture.Stats` as :func:`sylva_jax.capture.preprocess`
+    The same :class:`sylva_jax.statistics.Stats` as :func:`sylva_jax.capture.preprocess`
     (``select_blocks`` / ``compute_masks`` consume it unchanged), for the products found by
     interpreting ``fn`` (see the module docstring), with layer names = parameter paths and
     every statistic in ``[out, in]`` terms of the product's matrix view.
@@ -762,7 +763,7 @@ def capture(
       params: parameter pytree (nested dict, NNX ``State``, ...).
       batches: iterable of batch pytrees whose array leaves share the leading sample axis
         ``B``; consumed until ``num_samples`` samples (the last batch is sliced).
-      scope: which parameter leaves (``capture.match_scope`` syntax, matched against the
+      scope: which parameter leaves (``sylva_jax.scope.match_scope`` syntax, matched against the
         paths of leaves with at least 2 dimensions).
       token_mask: which positions are real tokens for the token means: a batch key (default
         ``"attention_mask"``; a batch without it has every position real), a callable
@@ -781,108 +782,87 @@ def capture(
         product (tied/shared, gather, scan, scaled, ...), or never.
       ValueError: no samples, bad batches or masks, non-finite statistics.
     """
-    capture_lib._check_choice("factor", factor, capture_lib.FACTORS)
-    capture_lib._check_choice("factor_kind", factor_kind, capture_lib.FACTOR_KINDS)
+    check_choice("factor", factor, FACTORS)
+    check_choice("factor_kind", factor_kind, FACTOR_KINDS)
     if int(num_samples) < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-    cands = _candidates(params)
-    chosen = capture_lib.match_scope(scope, list(cands))
+    chosen = match_scope(scope, list(_candidates(params)))
     it = _take(batches, int(num_samples), token_mask)
     first = next(it, None)
     if first is None:
         raise ValueError("no calibration samples: `batches` yielded nothing")
-    batch0, _ = first
+    programs = _Programs(fn, params, chosen, _loss_mode(fn, params, first[0]))
+    products0 = programs.program(first[0])[1]
+    flat = tree_lib.flatten(params)
+    scoped = {p: flat[p] for p in chosen}
+    acc = StatsAccumulator.create(
+        {p: products0[p][0].shape for p in chosen}, num_partition=num_partition, factor=factor,
+        factor_kind=factor_kind, keep_dense=keep_dense, token_update=token_update)
+    state, seen = acc.init(), 0
+    for batch, mask in itertools.chain([first], it):
+        step, traced, batch_pos = programs.step(acc, batch, mask is not None)
+        B = _leading_dim(batch, seen)
+        dyn = list(traced.dyn)
+        for i, leaf in zip(batch_pos, jax.tree.leaves(batch)):
+            dyn[i] = leaf
+        state = step(state, scoped, dyn, mask)
+        seen += B
+    matrices = {p: _matrix(scoped[p], _idx_m(products0[p][0], None), products0[p][0].layout)
+                for p in chosen}
+    return acc.finalize(
+        state, matrices, num_samples=seen, requested=num_samples, scope=scope,
+        damping=damping, relative_damping=relative_damping,
+        total_params=sum(np.size(x) for x in flat.values() if _is_array(x)))
 
+
+def _loss_mode(fn, params, batch0) -> str:
+    """``"sample"`` for a scalar loss (evaluated per sample), ``"per_example"`` for ``[B]``."""
     out = jax.eval_shape(fn, params, batch0)
     B0 = _leading_dim(batch0, 0)
     if not hasattr(out, "shape") or out.shape not in ((), (B0,)):
         raise ValueError(
             f"fn(params, batch) must return a scalar loss or a [B] vector of per-sample losses "
             f"(B = {B0}); got {jax.tree.map(lambda s: s.shape, out)}")
-    mode = "sample" if out.shape == () else "per_example"
+    return "sample" if out.shape == () else "per_example"
 
-    hier = capture_lib._hierarchy()
-    programs: dict = {}
 
-    def program(batch):
-        """(traced, products, batch positions) per batch structure and shape."""
-        ex = jax.tree.map(lambda a: a[:1], batch) if mode == "sample" else batch
+class _Programs:
+    """The traced program of ``fn`` (and its tracked products) per batch structure and
+    shape, and the jitted accumulation step per batch structure, shape and mask presence."""
+
+    def __init__(self, fn, params, chosen, mode: str):
+        self.fn, self.params, self.chosen, self.mode = fn, params, chosen, mode
+        self._programs: dict = {}
+        self._steps: dict = {}
+
+    def program(self, batch):
+        """``(traced, products, batch positions)``; checks the scope's products once."""
+        ex = jax.tree.map(lambda a: a[:1], batch) if self.mode == "sample" else batch
         key = (jax.tree.structure(batch),
                tuple((np.shape(a), str(jnp.result_type(a))) for a in jax.tree.leaves(batch)))
-        if key not in programs:
-            traced = _trace(fn, params, (ex,))
-            interp = _analyse(traced, chosen)
-            _check_scope_products(interp.products, interp.unfollowed, chosen)
-            n_params = len(traced.names)
-            batch_pos = list(range(n_params, len(traced.dyn)))
-            programs[key] = (traced, interp.products, batch_pos)
-        return programs[key]
+        if key not in self._programs:
+            traced = _trace(self.fn, self.params, (ex,))
+            interp = _analyse(traced, self.chosen)
+            _check_scope_products(interp.products, interp.unfollowed, self.chosen)
+            batch_pos = list(range(len(traced.names), len(traced.dyn)))
+            self._programs[key] = (traced, interp.products, batch_pos)
+        return self._programs[key]
 
-    traced0, products0, _ = program(batch0)
-    infos = {p: capture_lib._LinearInfo(products0[p][0].shape, len(products0[p][0].x_shape) + 1, 1)
-             for p in chosen}
-    flat = tree_lib.flatten(params)
-    scoped = {p: flat[p] for p in chosen}
-    groups = capture_lib._groups(infos, num_partition, hier)
-    upd = capture_lib._factor_update(hier, factor)
-    acc_kind = capture_lib._accumulation_kind(groups, factor, factor_kind, token_update)
-    state = capture_lib._init_state(hier, groups, acc_kind, keep_dense,
-                                    {p: infos[p].shape for p in chosen})
-    steps: dict = {}
+    def step(self, acc: StatsAccumulator, batch, has_mask: bool):
+        """``(jitted step(state, scoped, dyn, mask) -> state, traced, batch positions)``."""
+        traced, products, batch_pos = self.program(batch)
+        key = (jax.tree.structure(batch), tuple(np.shape(a) for a in jax.tree.leaves(batch)),
+               has_mask)
+        if key not in self._steps:
+            mode = self.mode
 
-    def get_step(key, traced, products, batch_pos, has_mask):
-        if (key, has_mask) in steps:
-            return steps[(key, has_mask)]
+            def step(state, scoped, dyn, mask):
+                acts, gy, gw = _batch_statistics(traced, products, mode, acc.factor, scoped,
+                                                 dyn, batch_pos, mask)
+                return acc.update(state, acts, gy, gw)
 
-        def step(state, scoped, dyn, mask):
-            acts, gy, gw = _batch_statistics(traced, products, mode, factor, scoped, dyn,
-                                             batch_pos, mask)
-            return capture_lib._accumulate(state, groups, upd, keep_dense, acts, gy, gw)
-
-        steps[(key, has_mask)] = jax.jit(step, donate_argnums=0)
-        return steps[(key, has_mask)]
-
-    seen = 0
-    for batch, mask in itertools.chain([first], it):
-        traced, products, batch_pos = program(batch)
-        B = _leading_dim(batch, seen)
-        dyn = list(traced.dyn)
-        leaves = jax.tree.leaves(batch)
-        for i, leaf in zip(batch_pos, leaves):
-            dyn[i] = leaf
-        key = (jax.tree.structure(batch), tuple(np.shape(a) for a in leaves))
-        state = get_step(key, traced, products, batch_pos, mask is not None)(
-            state, scoped, dyn, mask)
-        seen += B
-    if seen < num_samples:
-        import warnings
-        warnings.warn(f"only {seen} calibration samples were available ({num_samples} "
-                      "requested); the statistics use those", stacklevel=2)
-    bad = [n for n, ok in jax.device_get(state["finite"]).items() if not ok]
-    if bad:
-        raise ValueError(
-            f"non-finite (NaN/inf) calibration statistics in layer(s) {bad}; check the model "
-            "(overflow in low precision?) and the calibration data")
-    matrices = {p: _matrix(scoped[p], _idx_m(products0[p][0], None), products0[p][0].layout)
-                for p in chosen}
-    state = capture_lib._finish_factors(state, groups, hier, acc_kind, factor_kind)
-    layers = capture_lib._unstack(state, groups, matrices, seen, keep_dense, factor_kind, hier)
-    invs = capture_lib._inv_diags({n: (s.A, s.G) for n, s in layers.items()}, float(damping),
-                                  bool(relative_damping))
-    bad = capture_lib._nonfinite_layers(layers, invs)
-    if bad:
-        raise ValueError(
-            f"non-finite (NaN/inf) factors or inverse-curvature diagonals in layer(s) {bad}; "
-            "increase `damping` or use relative_damping=True")
-    stats = capture_lib.Stats(
-        layers=layers, scope=scope, num_samples=seen, factor=factor, factor_kind=factor_kind,
-        num_partition=int(num_partition), damping=float(damping),
-        relative_damping=bool(relative_damping),
-        total_params=int(sum(np.size(x) for x in flat.values() if _is_array(x))),
-        partitions={g.dim: g.num_partition for g in groups},
-    )
-    stats._inv_cache[(float(damping), bool(relative_damping))] = invs
-    return stats
+            self._steps[key] = jax.jit(step, donate_argnums=0)
+        return self._steps[key], traced, batch_pos
 
 
 capture_stats = capture

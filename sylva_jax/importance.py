@@ -1,4 +1,4 @@
-"""Tile importance and top-k block masks (``../shared/docs/ALGORITHM.md`` section 3).
+"""Tile importance and top-k block masks (``docs/algorithm.md`` §4).
 
 Every method maps a layer's statistics to a score per ``block_size x block_size`` tile of
 its weight ``W [out, in]`` (tile ``(r, c)`` = ``W[r*bs:(r+1)*bs, c*bs:(c+1)*bs]``), and the
@@ -27,7 +27,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sylva_jax import capture
+from sylva_jax import capture, curvature
+from sylva_jax import masks as masks_lib
+from sylva_jax.statistics import LayerStats, Stats
 
 __all__ = ["METHODS", "num_kept", "tile_scores", "topk_mask", "select_blocks", "compute_masks"]
 
@@ -131,10 +133,9 @@ def _block_sum(v, bs):
 @jax.jit
 def _sylva_vectors(A, G, gbar, inv_a, inv_g):
     """``(out_imp [out], in_imp [in])`` from factors, ``Gbar [out, in]`` and inverse diagonals."""
-    hier = capture._hierarchy()
-    gg = hier.matmat(G, gbar)                 # [out, in] = G Gbar
+    gg = curvature.matmat(G, gbar)                 # [out, in] = G Gbar
     in_imp = jnp.sum(gbar * gg, axis=0) / inv_a
-    ag = hier.matmat(A, gbar.T)               # [in, out] = A Gbar^T = (Gbar A)^T
+    ag = curvature.matmat(A, gbar.T)               # [in, out] = A Gbar^T = (Gbar A)^T
     out_imp = jnp.sum(gbar.T * ag, axis=0) / inv_g
     return out_imp, in_imp
 
@@ -145,7 +146,7 @@ def _inv_diag_dense(F: np.ndarray, damping: float, relative: bool) -> np.ndarray
     return np.diag(np.linalg.inv(F + lam * np.eye(F.shape[0])))
 
 
-def _kfac_vectors(s: capture.LayerStats, damping: float, relative: bool):
+def _kfac_vectors(s: LayerStats, damping: float, relative: bool):
     if s.A_dense is None or s.G_dense is None:
         raise ValueError(
             f"method 'kfac' needs exact dense factors for {s.name}; run preprocess with "
@@ -158,7 +159,7 @@ def _kfac_vectors(s: capture.LayerStats, damping: float, relative: bool):
     return out_imp, in_imp
 
 
-def tile_scores(stats: capture.Stats, *, block_size: int = 64, method: str = "sylva",
+def tile_scores(stats: Stats, *, block_size: int = 64, method: str = "sylva",
                 seed: int = 0, damping: float = 1e-6, relative_damping: bool | None = None
                 ) -> dict[str, np.ndarray]:
     """``{weight path: float64 [out/bs, in/bs]}`` tile scores (module docstring)."""
@@ -196,7 +197,7 @@ def tile_scores(stats: capture.Stats, *, block_size: int = 64, method: str = "sy
     return out
 
 
-def select_blocks(stats: capture.Stats, *, sparsity: float, block_size: int = 64,
+def select_blocks(stats: Stats, *, sparsity: float, block_size: int = 64,
                   method: str = "sylva", seed: int = 0, damping: float = 1e-6,
                   spread: bool = False) -> dict[str, np.ndarray]:
     """Top-k tile masks per layer: ``{weight path: bool [out/bs, in/bs]}``.
@@ -230,14 +231,12 @@ def compute_masks(model, batches, *, scope, sparsity: float, block_size: int = 6
     ``factor``, ``factor_kind``, ``keep_dense``, ``relative_damping``); ``kfac`` turns
     ``keep_dense`` on unless the factors are dense already.
     """
-    from sylva_jax import masks as masks_lib
-
     _check_sparsity(sparsity)
     _check_method(method)
     unknown = set(preprocess_kw) - set(_PREPROCESS_KEYS)
     if unknown:
         raise TypeError(f"unknown keyword(s) {sorted(unknown)}; preprocess accepts {_PREPROCESS_KEYS}")
-    fn = capture._functional(model)
+    fn = capture.functional_model(model)
     weights = capture.scoped_weights(fn, scope)
     _check_blocks({n: w.shape for n, w in weights.items()}, int(block_size))
 
@@ -248,8 +247,8 @@ def compute_masks(model, batches, *, scope, sparsity: float, block_size: int = 6
             kw["keep_dense"] = True
         stats = capture.preprocess(fn, batches, scope=scope, damping=damping, **kw)
     else:
-        stats = capture.Stats(layers={n: capture.LayerStats(name=n, weight=w)
-                                      for n, w in weights.items()}, scope=scope)
+        stats = Stats(layers={n: LayerStats(name=n, weight=w) for n, w in weights.items()},
+                      scope=scope)
     t1 = time.perf_counter()
     masks = select_blocks(stats, sparsity=sparsity, block_size=block_size, method=method,
                           seed=seed, damping=damping)

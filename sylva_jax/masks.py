@@ -6,7 +6,7 @@ description of how the masks were made (model identity, scope, sparsity, block s
 method, partitions, samples, factor, seed) and a SHA-256 hash of those fields. One file
 means one atomic ``os.replace``: a reader sees either the old or the new masks, never a mix.
 The experiment reuses a cached file only when :func:`masks_match` says its metadata is the
-one wanted (ALGORITHM.md section 0, step 2: "masks are saved and reused").
+one wanted (``docs/algorithm.md`` §0: masks are made once and reused).
 """
 from __future__ import annotations
 
@@ -17,8 +17,12 @@ import re
 from typing import Any, Mapping
 
 import numpy as np
+from flax import nnx
+from safetensors import safe_open
+from safetensors.numpy import save
 
 from sylva_jax import tree as tree_lib
+from sylva_jax.atomic import atomic_open
 
 __all__ = ["IDENTITY_KEYS", "mask_metadata", "metadata_hash", "save_masks", "load_masks",
            "masks_match", "mask_report", "format_mask_report"]
@@ -89,10 +93,6 @@ def save_masks(masks: Mapping[str, Any], path: str | os.PathLike,
     temp file, fsync, ``os.replace``).
 
     The stored ``hash`` is (re)computed from the identity fields. Returns the path."""
-    from safetensors.numpy import save
-
-    from sylva_jax.atomic import atomic_open
-
     arrays = {n: m.astype(np.uint8) for n, m in _check_masks(masks).items()}
     md = _canon(dict(metadata))
     md["hash"] = metadata_hash(md)
@@ -105,8 +105,6 @@ def save_masks(masks: Mapping[str, Any], path: str | os.PathLike,
 
 def load_masks(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """``(masks {name: bool [out/bs, in/bs]}, metadata)`` from a :func:`save_masks` file."""
-    from safetensors import safe_open
-
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"no mask file at {path!r}; compute masks first (compute_masks)")
@@ -143,18 +141,13 @@ def masks_match(metadata: Mapping[str, Any] | None, wanted: Mapping[str, Any]) -
 
 
 def _flat_params(params) -> dict[str, Any]:
-    try:
-        from flax import nnx
-
-        if isinstance(params, nnx.Module):
-            params = nnx.state(params, nnx.Param)
-    except ImportError:  # pragma: no cover
-        pass
+    if isinstance(params, nnx.Module):
+        params = nnx.state(params, nnx.Param)
     return tree_lib.flatten(params)
 
 
 def mask_report(masks: Mapping[str, Any], params) -> dict[str, Any]:
-    """Tiles kept per layer and the achieved sparsity (ALGORITHM.md section 3, last line).
+    """Tiles kept per layer and the achieved sparsity (``docs/algorithm.md`` §4).
 
     ``params``: the model's parameters (nested dict, NNX ``State``/``Module`` or flat dict);
     every parameter counts toward the overall sparsity, so a model training 5% of its

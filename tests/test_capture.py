@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from sylva_jax import capture, hierarchy
+from sylva_jax import capture
+from sylva_jax import curvature as hierarchy
 from sylva_jax import tree as tree_lib
 from sylva_jax.losses import lm_loss
 from sylva_jax.models import llama
@@ -316,3 +317,158 @@ def test_nonfinite_statistics_name_the_layer(model, batches):
     with pytest.raises(ValueError, match=r"non-finite.*'model\.layers\.1\.mlp\.down_proj\.weight'"):
         capture.preprocess(bad, batches, scope="model.layers", num_samples=8, num_partition=1,
                            keep_dense=True)
+
+
+def _accumulator_batches(rng, shapes, batch_sizes):
+    """Random per-sample vectors and weight-gradient sums, as a route would feed them."""
+    out = []
+    for b in batch_sizes:
+        acts = {n: rng.standard_normal((b, i)).astype(np.float32) for n, (o, i) in shapes.items()}
+        gy = {n: rng.standard_normal((b, o)).astype(np.float32) for n, (o, i) in shapes.items()}
+        gw = {n: rng.standard_normal((o, i)).astype(np.float32) for n, (o, i) in shapes.items()}
+        out.append((acts, gy, gw))
+    return out
+
+
+def test_stats_accumulator_init_update_finalize_against_numpy():
+    """The public accumulator both routes feed: factors equal curvature.update over the
+    vectors in sample order, dense factors equal X^T X and grad_mean the mean of the
+    gradient sums (float64 NumPy reference); inverse diagonals come cached in the result."""
+    from sylva_jax import curvature
+    from sylva_jax.statistics import StatsAccumulator
+
+    shapes = {"l.one": (8, 16), "l.two": (16, 8)}
+    acc = StatsAccumulator.create(shapes, num_partition=1, keep_dense=True)
+    assert acc == StatsAccumulator.create(shapes, num_partition=1, keep_dense=True)
+    assert hash(acc) == hash(StatsAccumulator.create(shapes, num_partition=1, keep_dense=True))
+    assert acc.partitions == {16: 1, 8: 1}
+    feed = _accumulator_batches(np.random.default_rng(0), shapes, (3, 2))
+    state = acc.init()
+    for acts, gy, gw in feed:
+        state = jax.jit(acc.update)(state, acts, gy, gw)
+    weights = {n: jnp.ones(s, jnp.float32) for n, s in shapes.items()}
+    stats = acc.finalize(state, weights, num_samples=5, scope="l.", damping=1e-3)
+    assert list(stats) == list(shapes) and stats.num_samples == 5 and stats.partitions == {16: 1, 8: 1}
+    for n in shapes:
+        a = np.concatenate([np.asarray(f[0][n], np.float64) for f in feed])
+        g = np.concatenate([np.asarray(f[1][n], np.float64) for f in feed])
+        s = stats[n]
+        assert s.weight is weights[n] and s.num_samples == 5
+        assert_close(s.A_dense, a.T @ a)
+        assert_close(s.G_dense, g.T @ g)
+        assert_close(s.grad_mean, sum(np.asarray(f[2][n], np.float64) for f in feed) / 5)
+        seq = curvature.update(curvature.init(a.shape[1], num_partition=1), jnp.asarray(a, jnp.float32))
+        assert_close(dense(s.A), dense(seq))
+        inv_a, inv_g = stats.inv_diags()[n]
+        assert_close(inv_a, curvature.inv_diag(s.A, damping=1e-3))
+        assert_close(inv_g, curvature.inv_diag(s.G, damping=1e-3))
+    assert stats._inv_cache.keys() == {(1e-3, False)}
+
+
+def test_stats_accumulator_checks():
+    """Errors and warnings of finalize, the exact/stream choice for per-token HODLR factors,
+    and the public homes of the names capture re-exports."""
+    import sylva_jax
+    from sylva_jax import scope, statistics
+    from sylva_jax.statistics import StatsAccumulator
+
+    shapes = {"l.one": (8, 16)}
+    acc = StatsAccumulator.create(shapes, num_partition=2)
+    (acts, gy, gw), = _accumulator_batches(np.random.default_rng(1), shapes, (2,))
+    weights = {"l.one": jnp.zeros((8, 16))}
+    with pytest.raises(ValueError, match="no calibration samples"):
+        acc.finalize(acc.init(), weights, num_samples=0)
+    with pytest.warns(UserWarning, match="only 2 calibration samples"):
+        acc.finalize(acc.update(acc.init(), acts, gy, gw), weights, num_samples=2, requested=4)
+    nan = {"l.one": acts["l.one"].copy()}
+    nan["l.one"][1, 3] = np.nan
+    with pytest.raises(ValueError, match=r"non-finite.*'l\.one'"):
+        acc.finalize(acc.update(acc.init(), nan, gy, gw), weights, num_samples=2)
+    with pytest.raises(ValueError, match="unknown factor_kind"):
+        StatsAccumulator.create(shapes, factor_kind="sparse")
+    tok = dict(factor="tokens", num_partition=2)
+    assert StatsAccumulator.create(shapes, **tok).accumulate_kind == "dense"
+    assert StatsAccumulator.create(shapes, token_update="stream", **tok).accumulate_kind == "hodlr"
+    assert StatsAccumulator.create(shapes, factor_kind="diagonal", **tok).accumulate_kind == "diagonal"
+    assert capture.match_scope is scope.match_scope
+    assert capture.Stats is statistics.Stats and capture.LayerStats is statistics.LayerStats
+    assert sylva_jax.Stats is statistics.Stats and sylva_jax.match_scope is scope.match_scope
+
+
+CALIBRATION_MODULES = ("capture", "anymodel", "statistics", "scope", "importance", "masks",
+                       "hierarchy", "curvature", "data")
+
+
+def _sylva_imports(path, module):
+    """``(module-level, function-local)`` sylva_jax modules imported by the file at ``path``."""
+    import ast
+
+    top, local = set(), set()
+    package = module if path.endswith("__init__.py") else module.rpartition(".")[0]
+
+    def visit(node, in_function):
+        for child in ast.iter_child_nodes(node):
+            inner = in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef))
+            if isinstance(child, ast.Import):
+                names = [a.name for a in child.names]
+            elif isinstance(child, ast.ImportFrom):
+                base = child.module or ""
+                if child.level:
+                    parts = package.split(".")[: len(package.split(".")) - child.level + 1]
+                    base = ".".join(parts + [base] if base else parts)
+                names = [base + "." + a.name for a in child.names] + [base]
+            else:
+                names = []
+            for n in names:
+                if n.startswith("sylva_jax"):
+                    (local if inner else top).add(n)
+            visit(child, inner)
+
+    visit(ast.parse(open(path).read()), False)
+    return top, local
+
+
+def test_calibration_and_data_modules_have_no_hidden_or_circular_imports():
+    """Issue 20: the calibration core (capture, anymodel, statistics, scope, importance,
+    masks, curvature) and the data package import what they need at module level (no
+    function-local import of another sylva_jax module hiding a cycle), and those imports
+    form no cycle (a package importing its own submodules from ``__init__`` excepted)."""
+    import os
+
+    import sylva_jax
+
+    root = os.path.dirname(sylva_jax.__file__)
+    files = {}
+    for dirpath, _, names in os.walk(root):
+        for f in names:
+            if f.endswith(".py"):
+                rel = os.path.relpath(os.path.join(dirpath, f), os.path.dirname(root))[:-3]
+                mod = rel.replace(os.sep, ".").removesuffix(".__init__")
+                files[mod] = os.path.join(dirpath, f)
+
+    def owner(name):  # the module a dotted import name refers to
+        while name not in files:
+            name = name.rpartition(".")[0]
+        return name
+
+    graph = {}
+    for mod, path in files.items():
+        if mod.split(".")[1:2] and mod.split(".")[1] in CALIBRATION_MODULES:
+            top, local = _sylva_imports(path, mod)
+            assert not local, f"{mod} imports {sorted(local)} inside a function"
+            graph[mod] = {owner(n) for n in top} - {mod}
+
+    def reaches(start, target, seen):
+        for nxt in graph.get(start, ()):
+            # a package's __init__ importing its submodules is how packages are built
+            if nxt == target and not (start.startswith(target + ".")):
+                return True
+            if nxt not in seen and nxt in graph and not start.startswith(nxt + "."):
+                seen.add(nxt)
+                if reaches(nxt, target, seen):
+                    return True
+        return False
+
+    assert len(graph) >= 14, sorted(graph)
+    cyclic = [m for m in graph if reaches(m, m, set())]
+    assert not cyclic, cyclic

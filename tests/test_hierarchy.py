@@ -1,7 +1,7 @@
-"""Tests for sylva_jax.hierarchy against NumPy float64 references.
+"""Tests for sylva_jax.curvature (HODLR, dense, diagonal factors) against NumPy float64 references.
 
 References are independent of the code under test: the HODLR matrix is assembled in NumPy
-straight from the factor's fields (explicit node slices, ALGORITHM.md section 2), the
+straight from the factor's fields (explicit node slices, docs/algorithm.md §2), the
 Brand step is recomputed in NumPy from its definition and compared with NumPy SVDs, and
 inverse diagonals come from ``numpy.linalg.inv``. float64 runs inside ``jax.enable_x64``
 (restored afterwards, so other test files are unaffected).
@@ -15,7 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sylva_jax import hierarchy as H
+from sylva_jax import curvature as H
+from sylva_jax.curvature import hodlr
 
 
 @contextlib.contextmanager
@@ -101,7 +102,7 @@ def random_factor(dim: int, p: int, rng, dtype=np.float64, zero_frac: float = 0.
 
 
 def brand_reference(u, s, v, a_row, a_col):
-    """One Brand step in NumPy from the ALGORITHM.md definition: returns (s', tile')."""
+    """One Brand step in NumPy from its definition in docs/algorithm.md §2: returns (s', tile')."""
     m = u @ a_row
     p = a_row - u * m
     ra = np.linalg.norm(p)
@@ -129,7 +130,7 @@ def test_top_triple_2x2_matches_numpy_svd(x64):
     mats += [np.zeros((2, 2)), np.eye(2), np.diag([0.0, 3.0]), np.outer([1.0, -2.0], [0.5, 4.0]),
              np.array([[0.0, 2.0], [-2.0, 0.0]])]
     for k in mats:
-        sigma, x, y = jax.jit(H._top_triple_2x2)(jnp.asarray(k))
+        sigma, x, y = jax.jit(hodlr._top_triple_2x2)(jnp.asarray(k))
         sigma, x, y = float(sigma), np.asarray(x), np.asarray(y)
         assert sigma == pytest.approx(np.linalg.svd(k, compute_uv=False)[0], abs=1e-12)
         assert np.linalg.norm(x) == pytest.approx(1.0, abs=1e-12)
@@ -493,7 +494,7 @@ def test_update_block_lapack_calls_stay_unbatched_under_vmap_on_cpu(monkeypatch)
     assert all(r == {2} for r in ranks.values()), ranks
     # and the serial form gives the batched form's result
     out = f(hs, xs + jnp.arange(dim) / dim)
-    monkeypatch.setattr(H, "_on_cpu", lambda: False)
+    monkeypatch.setattr(hodlr, "_on_cpu", lambda: False)
     jax.clear_caches()  # update_block's trace depends on _on_cpu
     batched = jax.jit(jax.vmap(lambda h, x: H.update_block(h, x, chunk=64, rank=8)))
     assert any(r != {2} for r in _lapack_operand_ranks(batched.lower(hs, xs).as_text()).values())
@@ -521,3 +522,15 @@ def test_from_dense_is_one_block_update_and_round_trips(x64):
                                atol=1e-10 * np.abs(x.T @ x).max())
     with pytest.raises(ValueError, match="square"):
         H.from_dense(jnp.zeros((3, 4)))
+
+
+def test_hierarchy_module_re_exports_the_curvature_interface():
+    """``sylva_jax.hierarchy`` (the old home) serves the same objects as ``curvature``."""
+    from sylva_jax import hierarchy
+
+    for name in H.__all__:
+        assert getattr(hierarchy, name) is getattr(H, name), name
+    with pytest.raises(TypeError, match="expected a factor"):
+        H.diag(np.ones(3))
+    with pytest.raises(ValueError, match="kind must be one of"):
+        H.init(8, kind="sparse")

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from sylva_jax import capture, hierarchy, importance
+from sylva_jax import capture, importance
+from sylva_jax import curvature as hierarchy
 from sylva_jax.models import llama
 
 # Tiles of 4x4 and layer dimensions from {4, 8, 12, 20} only: every distinct dimension or

