@@ -7,7 +7,8 @@ fields, so a new setting is one new field. Presets are :func:`dataclasses.replac
 :data:`BASE`. A ``check`` maps a value to ``None`` (fine) or the problem, phrased to follow
 the flag name: ``"--sparsity must be in [0, 1), got 1.5"``.
 
-This module imports neither jax nor the stages: ``--help`` and flag errors stay fast.
+Importing this module loads neither jax nor the stages; building the parser reads the
+mask scorers from :data:`sylva_jax.importance.METHODS` (which loads jax).
 The base settings are the published Sylva hyper-parameters where they apply (see
 docs/algorithm.md).
 """
@@ -35,10 +36,12 @@ Check = Callable[[Any], "str | None"]
 
 
 def setting(default: Any, help: str, *, choices: Iterable | Callable[[], Iterable] | None = None,
-            check: Check | None = None) -> Any:
+            check: Check | None = None, flag: dict[str, Any] | None = None) -> Any:
     """A config field: ``default``, ``help`` (one line), ``choices`` (values, or a function
-    returning them, read when the parser is built) and ``check`` (value -> problem or None)."""
-    return dataclasses.field(default=default, metadata={"help": help, "choices": choices, "check": check})
+    returning them, read when the parser is built), ``check`` (value -> problem or None)
+    and ``flag``, extra ``add_argument`` keywords for its flag (e.g. ``nargs``, ``const``)."""
+    return dataclasses.field(default=default, metadata={"help": help, "choices": choices, "check": check,
+                                                        "flag": flag or {}})
 
 
 # ----------------------------------------------------------------------------- checks
@@ -274,10 +277,10 @@ def build_parser() -> argparse.ArgumentParser:
     for name, f in fields.items():
         kind = _flag_type(hints[name])
         if kind is bool:
-            p.add_argument(f"--{name}", action="store_true", help=f.metadata["help"])
+            p.add_argument(f"--{name}", action="store_true", help=f.metadata["help"], **f.metadata["flag"])
             continue
         p.add_argument(f"--{name}", type=kind, default=None, choices=choices_of(f),
-                       help=f.metadata["help"] + " (preset value if not given)")
+                       help=f.metadata["help"] + " (preset value if not given)", **f.metadata["flag"])
     return p
 
 

@@ -13,7 +13,7 @@ result and its summary fields:
 6. export from the best checkpoint (the Sylva adapter);
 7. write ``summary.json`` and the plot.
 
-Imported only when a run starts, so that ``--help`` and flag errors never load jax.
+Imported only when a run starts (by :func:`sylva_jax.experiment.run`).
 """
 from __future__ import annotations
 
