@@ -1,724 +1,345 @@
-"""The stages of the reference experiment (see :mod:`sylva_jax.experiment` for the CLI).
+"""The stages of the reference experiment (the command line is :mod:`sylva_jax.experiment`).
 
-Kept apart from the argument parsing so that ``--help`` and flag errors never import jax.
+:func:`execute` runs them in order, each a function from small explicit values to its
+result and its summary fields:
+
+1. open the run: join a multi-host job, check and prepare ``output_dir``
+   (:mod:`sylva_jax.run_dir`), record the settings, build the device mesh;
+2. load the model, the training data and MMLU;
+3. ``sylva`` only: reuse cached tile masks whose metadata matches, or compute them;
+4. build the trainer (:func:`sylva_jax.train.make_train_step`) and its state;
+5. evaluate before training (or restore the latest checkpoint), train
+   (:func:`sylva_jax.experiment_train.train`);
+6. export from the best checkpoint (the Sylva adapter);
+7. write ``summary.json`` and the plot.
+
+Imported only when a run starts (by :func:`sylva_jax.experiment.run`).
 """
 from __future__ import annotations
 
-import json
+import contextlib
+import dataclasses
+import hashlib
 import math
-import shutil
-import signal
-import sys
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
-from sylva_jax import atomic
-from sylva_jax.experiment import ExperimentError
+from sylva_jax import checkpoint as ckpt_lib
+from sylva_jax.adapter import make_adapter
+from sylva_jax.importance import compute_masks
+from sylva_jax import masks as masks_lib
+from sylva_jax import run_dir as rd
+from sylva_jax import sharding
+from sylva_jax import tree as tree_lib
+from sylva_jax.data import instruct, mmlu
+from sylva_jax.data.batching import batches, pad_id_of
+from sylva_jax.experiment_config import ExperimentConfig, ExperimentError
+from sylva_jax.experiment_train import (Devices, Loop, Outcome, SampleStream, bucket, make_answer_logits,
+                                        make_evaluator, start, train)
+from sylva_jax.models import llama
+from sylva_jax.models.loading import load_pretrained
+from sylva_jax.run_log import LOG_PREFIX, log, plot_curves, set_process_tag, stage
+from sylva_jax.train import make_train_step
 
-LOG_PREFIX = "[oasst_mmlu]"
-# settings that may differ between a stopped run and its --resume
-_RESUMABLE_CHANGES = ("resume", "overwrite", "stop_at_step", "log_interval", "coordinator",
-                      "process_id")
+__all__ = ["execute", "SampleStream", "LOG_PREFIX", "params_sha256"]
 
-
-_TAG = [LOG_PREFIX]  # gains the process index in multi-host runs
-
-
-def log(msg: str) -> None:
-    print(f"{_TAG[0]} {msg}", flush=True)
-
-
-class _Stage:
-    """Context manager that logs a stage and records its wall time in ``times``."""
-
-    def __init__(self, name: str, times: dict):
-        self.name, self.times = name, times
-
-    def __enter__(self):
-        log(f"stage {self.name} ...")
-        self.t0 = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc):
-        dt = time.perf_counter() - self.t0
-        self.times[self.name] = self.times.get(self.name, 0.0) + dt
-        if exc[0] is None:
-            log(f"stage {self.name} done in {dt:.1f} s")
-        return False
+_bucket = bucket  # the name before the split
 
 
-def _atomic_write_json(path: Path, obj: Any) -> None:
-    atomic.write_json(path, obj, indent=2, default=_json_default)
+# ----------------------------------------------------------------------------- 1. the run
 
 
-def _json_default(o):
-    if isinstance(o, (np.integer,)):
-        return int(o)
-    if isinstance(o, (np.floating,)):
-        return float(o)
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    return str(o)
+def _start_distributed(cfg: ExperimentConfig) -> bool:
+    """Join a multi-host job when asked (flags or environment), before jax starts; whether
+    this is the primary process."""
+    try:
+        joined = sharding.initialize_distributed(cfg.coordinator, cfg.num_processes, cfg.process_id)
+    except ValueError as e:
+        raise ExperimentError(f"multi-host setup: {e}") from e
+    if joined:
+        set_process_tag(jax.process_index(), jax.process_count())
+        log(f"joined a {jax.process_count()}-process job; {len(jax.local_devices())} local "
+            f"of {len(jax.devices())} devices; output written by process 0")
+    return jax.process_index() == 0
 
 
-class SampleStream:
-    """The training sample order as one endless stream over epochs, resumable by position.
-
-    Sample ``p`` of the stream is ``examples[order_e[p % n]]`` with ``e = p // n`` and
-    ``order_e = epoch_order(n, seed, epoch=e)``: a run resumed at data position ``p``
-    sees exactly the samples an uninterrupted run would.
-    """
-
-    def __init__(self, examples, *, seed: int):
-        from sylva_jax.data.batching import epoch_order
-
-        self.examples = examples
-        self.n = len(examples)
-        self.seed = seed
-        self._epoch_order = epoch_order
-        self._cache: dict[int, np.ndarray] = {}
-
-    def _order(self, epoch: int) -> np.ndarray:
-        if epoch not in self._cache:
-            self._cache = {epoch: self._epoch_order(self.n, seed=self.seed, epoch=epoch, shuffle=True)}
-        return self._cache[epoch]
-
-    def take(self, pos: int, count: int) -> list:
-        out = []
-        for p in range(pos, pos + count):
-            e, i = divmod(p, self.n)
-            out.append(self.examples[int(self._order(e)[i])])
-        return out
+def _barrier(name: str) -> None:
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
 
 
-def _bucket(n: int, max_len: int) -> int:
-    """Pad lengths to a few buckets (64, 128, 256, ... max_len): few step recompilations."""
-    b = 64
-    while b < n:
-        b *= 2
-    return min(b, max_len) if n <= max_len else n
-
-
-class Run:
-    def __init__(self, cfg: dict[str, Any]):
-        self.cfg = cfg
-        self.out = Path(cfg["output_dir"])
-        self.times: dict[str, float] = {}
-        self.summary: dict[str, Any] = {}
-        self._stop_requested = False
-
-    # ------------------------------------------------------------------ output dir
-    def _prepare_output_dir(self) -> None:
-        cfg, out = self.cfg, self.out
-        summary = out / "summary.json"
-        ckpts = out / "checkpoints"
-        clear = False
-        if out.exists() and any(out.iterdir()):
-            finished = False
-            if summary.exists():
-                try:
-                    finished = json.loads(summary.read_text()).get("status") in ("finished", "target_reached")
-                except (OSError, ValueError):
-                    finished = False
-            if cfg["overwrite"]:
-                clear = True
-            elif cfg["resume"]:
-                if finished:
-                    raise ExperimentError(f"{out} holds a finished run; nothing to resume "
-                                          f"(use --overwrite to start again, or another --output_dir)")
-                if not ckpts.exists():
-                    raise ExperimentError(f"--resume: {out} has no checkpoints to resume from "
-                                          f"(drop --resume to start a new run there)")
-            elif finished:
-                raise ExperimentError(f"{out} holds a finished run (summary.json); refusing to overwrite it. "
-                                      f"Pass --overwrite to replace it, or choose another --output_dir")
-            elif ckpts.exists():
-                raise ExperimentError(f"{out} holds an unfinished run; pass --resume to continue it, "
-                                      f"--overwrite to start again, or choose another --output_dir")
-        elif cfg["resume"]:
-            raise ExperimentError(f"--resume: {out} does not exist or is empty; nothing to resume")
-        # every process has checked the same directory; only the primary one changes it
-        self._barrier("output_dir_checked")
-        if self.primary:
-            if clear:
-                log(f"--overwrite: clearing {out}")
-                for child in out.iterdir():
-                    if child.name == "masks":  # cached masks are keyed by metadata: keep
-                        continue
-                    shutil.rmtree(child) if child.is_dir() else child.unlink()
-            out.mkdir(parents=True, exist_ok=True)
-        self._barrier("output_dir_ready")
-
-    # ------------------------------------------------------------------ stages
-    def execute(self) -> dict[str, Any]:
-        cfg = self.cfg
-        t_start = self.t_start = time.perf_counter()
-        self._start_distributed()
-        self._prepare_output_dir()
-        args_path = self.out / "args.json"
-        if cfg["resume"] and args_path.exists():
-            old = json.loads(args_path.read_text())
-            diffs = {k: (old.get(k), cfg[k]) for k in cfg
-                     if k not in _RESUMABLE_CHANGES and old.get(k) != cfg[k]}
-            if diffs:
-                raise ExperimentError(
-                    "--resume with different settings than the stopped run: "
-                    + "; ".join(f"{k}: was {a!r}, now {b!r}" for k, (a, b) in sorted(diffs.items()))
-                    + ". Resume with the same flags, or start a new run")
-        if self.primary:
-            _atomic_write_json(args_path, cfg)
-        log("settings: " + ", ".join(f"{k}={cfg[k]}" for k in sorted(cfg)))
-
-        import jax
-
-        log(f"jax {jax.__version__} on {jax.devices()[0].platform} ({len(jax.devices())} device(s), "
-            f"{jax.process_count()} process(es))")
-        self._make_mesh()
-        with _Stage("load_model", self.times):
-            self._load_model()
-        with _Stage("load_data", self.times):
-            self._load_data()
-        with _Stage("load_mmlu", self.times):
-            self._load_mmlu()
-        if cfg["method"] == "sylva":
-            with _Stage("masks", self.times):
-                self._masks()
-        with _Stage("build_trainer", self.times):
-            self._build_trainer()
-        status = self._train_and_evaluate()
-        self.summary.update(
-            status=status,
-            wall_time_s=time.perf_counter() - t_start,
-            stage_times_s=self.times,
-        )
-        if self.primary:
-            _atomic_write_json(self.out / "summary.json", self.summary)
-            self._plot()
-        log(f"summary: {json.dumps({k: v for k, v in self.summary.items() if k not in ('mmlu_per_subject', 'mask_report')}, default=_json_default)}")
-        return self.summary
-
-    def _start_distributed(self) -> None:
-        """Join a multi-host job when asked (flags or environment); before jax starts."""
-        from sylva_jax import sharding
-
-        cfg = self.cfg
+def _devices(cfg: ExperimentConfig, primary: bool) -> tuple[Devices, dict]:
+    """One device: the plain single-device path. Several devices (or processes): a
+    ``data x fsdp`` mesh over all of them (:mod:`sylva_jax.sharding`)."""
+    n, fsdp = len(jax.devices()), int(cfg.mesh_fsdp)
+    if cfg.mesh_data is None and n % fsdp:
+        raise ExperimentError(f"--mesh_fsdp {fsdp} does not divide the {n} devices; "
+                              f"choose a divisor of {n} (or set --mesh_data too)")
+    data = int(cfg.mesh_data) if cfg.mesh_data is not None else n // fsdp
+    if jax.process_count() > 1 and data * fsdp != n:
+        raise ExperimentError(f"with {jax.process_count()} processes the mesh must cover all {n} devices; "
+                              f"got --mesh_data {data} x --mesh_fsdp {fsdp}")
+    mesh = None
+    if data * fsdp > 1 or jax.process_count() > 1:
         try:
-            joined = sharding.initialize_distributed(cfg["coordinator"], cfg["num_processes"],
-                                                     cfg["process_id"])
+            mesh = sharding.make_mesh(data, fsdp)
         except ValueError as e:
-            raise ExperimentError(f"multi-host setup: {e}") from e
-        import jax
+            raise ExperimentError(f"device mesh: {e}") from e
+    ways = data * fsdp
+    global_batch = cfg.per_device_train_batch_size * ways
+    if mesh is not None:
+        log(f"mesh data={data} x fsdp={fsdp} over {n} devices: global batch "
+            f"{cfg.per_device_train_batch_size} x {ways} = {global_batch} sequences per micro-step")
+    facts = {"mesh": {"data": data, "fsdp": fsdp, "devices": n, "processes": jax.process_count(),
+                      "global_batch": global_batch}}
+    return Devices(mesh=mesh, ways=ways, primary=primary), facts
 
-        self.primary = jax.process_index() == 0
-        if joined:
-            _TAG[0] = f"{LOG_PREFIX}[{jax.process_index()}/{jax.process_count()}]"
-            log(f"joined a {jax.process_count()}-process job; {len(jax.local_devices())} local "
-                f"of {len(jax.devices())} devices; output written by process 0")
 
-    def _barrier(self, name: str) -> None:
-        import jax
+def open_run(cfg: ExperimentConfig) -> tuple[rd.RunDir, Devices, dict]:
+    """Join the job, check and prepare the run directory, record the settings, build the
+    mesh: ``(run, devices, summary fields)``."""
+    primary = _start_distributed(cfg)
+    run = rd.RunDir(Path(cfg.output_dir))
+    rd.prepare(run, resume=cfg.resume, overwrite=cfg.overwrite, primary=primary, barrier=_barrier)
+    settings = cfg.to_dict()
+    if cfg.resume:
+        rd.check_resume_settings(run, settings)
+    if primary:
+        rd.write_json(run.args, settings)
+    log("settings: " + ", ".join(f"{k}={settings[k]}" for k in sorted(settings)))
+    log(f"jax {jax.__version__} on {jax.devices()[0].platform} ({len(jax.devices())} device(s), "
+        f"{jax.process_count()} process(es))")
+    devices, facts = _devices(cfg, primary)
+    return run, devices, facts
 
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
 
-            multihost_utils.sync_global_devices(name)
+# ----------------------------------------------------------------------------- 2. inputs
 
-    def _make_mesh(self) -> None:
-        """One device: the plain single-device path. Several devices (or processes): a
-        ``data x fsdp`` mesh over all of them (:mod:`sylva_jax.sharding`)."""
-        import jax
 
-        from sylva_jax import sharding
+def load_model(cfg: ExperimentConfig):
+    """``(model, graphdef, params, tokenizer, summary fields)``, ``(graphdef, params)``
+    being :func:`sylva_jax.models.llama.split` of the model."""
+    try:
+        model, tok = load_pretrained(cfg.model_name_or_path, dtype=cfg.dtype)
+    except (FileNotFoundError, ValueError, OSError, ImportError) as e:
+        raise ExperimentError(f"cannot load model {cfg.model_name_or_path!r}: {e}") from e
+    graphdef, params = llama.split(model)
+    n = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(params))
+    log(f"model {cfg.model_name_or_path}: {n / 1e6:.1f} M parameters, dtype {cfg.dtype}")
+    return model, graphdef, params, tok, {"model": cfg.model_name_or_path, "model_params": n}
 
-        cfg = self.cfg
-        n = len(jax.devices())
-        fsdp = int(cfg["mesh_fsdp"])
-        data = cfg["mesh_data"]
-        if data is None:
-            if n % fsdp:
-                raise ExperimentError(f"--mesh_fsdp {fsdp} does not divide the {n} devices; "
-                                      f"choose a divisor of {n} (or set --mesh_data too)")
-            data = n // fsdp
-        data = int(data)
-        if jax.process_count() > 1 and data * fsdp != n:
-            raise ExperimentError(f"with {jax.process_count()} processes the mesh must cover all {n} devices; "
-                                  f"got --mesh_data {data} x --mesh_fsdp {fsdp}")
-        self.mesh = None
-        if data * fsdp > 1 or jax.process_count() > 1:
-            try:
-                self.mesh = sharding.make_mesh(data, fsdp)
-            except ValueError as e:
-                raise ExperimentError(f"device mesh: {e}") from e
-        self.ways = data * fsdp
-        self.global_batch = cfg["per_device_train_batch_size"] * self.ways
-        self.summary["mesh"] = {"data": data, "fsdp": fsdp, "devices": n,
-                                "processes": jax.process_count(), "global_batch": self.global_batch}
-        if self.mesh is not None:
-            log(f"mesh data={data} x fsdp={fsdp} over {n} devices: global batch "
-                f"{cfg['per_device_train_batch_size']} x {self.ways} = {self.global_batch} sequences "
-                f"per micro-step")
 
-    def _load_model(self) -> None:
-        from sylva_jax.models.loading import load_pretrained
-        from sylva_jax.models import llama
+def load_data(cfg: ExperimentConfig, tok) -> tuple[list, dict]:
+    """The tokenized training examples (assistant tokens labelled) and summary fields."""
+    try:
+        data = instruct.load_default_train_data(cfg.data_path, seed=cfg.seed)
+    except (FileNotFoundError, ValueError, OSError) as e:
+        raise ExperimentError(f"cannot load training data {cfg.data_path!r}: {e}") from e
+    if data.fallback:
+        log("!" * 78)
+        log(f"OFFLINE FALLBACK: training data = {data.source}")
+        log("!" * 78)
+    convs = data.conversations
+    if cfg.max_train_samples is not None:
+        # tokenize a few more than needed: conversations whose answer falls past
+        # max_seq_len are dropped, and the cap applies to usable examples
+        convs = convs[: 4 * cfg.max_train_samples]
+    examples, stats = instruct.tokenize_dataset(tok, convs, cfg.max_seq_len, cfg.template)
+    if cfg.max_train_samples is not None:
+        examples = examples[: cfg.max_train_samples]
+        stats["n"] = len(examples)
+    if not examples:
+        raise ExperimentError(f"training data {data.source} gave no example with assistant tokens "
+                              f"within --max_seq_len {cfg.max_seq_len}")
+    log(f"training data: {data.source}: {stats}")
+    return examples, {"data": {"source": data.source, "fallback": data.fallback, **stats}}
 
-        cfg = self.cfg
+
+def load_mmlu(cfg: ExperimentConfig, tok) -> tuple[list, dict]:
+    """The encoded MMLU questions to evaluate (tokenized once) and summary fields."""
+    try:
+        data = mmlu.load_mmlu(cfg.mmlu_source, k_shot=cfg.mmlu_shots, seed=cfg.seed)
+    except (FileNotFoundError, ValueError, OSError) as e:
+        raise ExperimentError(f"cannot load MMLU from {cfg.mmlu_source!r}: {e}") from e
+    qs = mmlu.subset(data.questions, cfg.mmlu_limit, seed=cfg.seed)
+    log(f"MMLU: {data.source}: evaluating {len(qs)} questions, {cfg.mmlu_shots}-shot")
+    return mmlu.encode_mmlu(tok, qs, max_len=cfg.mmlu_max_len), {
+        "mmlu": {"source": data.source, "fallback": data.fallback, "n": len(qs), "shots": cfg.mmlu_shots}}
+
+
+# ----------------------------------------------------------------------------- 3. masks
+
+
+def model_identity(name: str, params) -> str:
+    """Model name plus a cheap content fingerprint (shapes and the first 64 values of each)."""
+    h = hashlib.sha256(str(name).encode())
+    for key, leaf in sorted(tree_lib.flatten(params).items()):
+        a = np.asarray(leaf.reshape(-1)[:64], dtype=np.float32)
+        h.update(key.encode() + str(tuple(leaf.shape)).encode() + a.tobytes())
+    return f"{name}#{h.hexdigest()[:16]}"
+
+
+def _cached_masks(path: Path, wanted: dict):
+    """The masks at ``path`` if their metadata matches ``wanted``, else None (logged why)."""
+    if not path.exists():
+        return None
+    try:
+        cached, md = masks_lib.load_masks(path)
+        ok, reason = masks_lib.masks_match(md, wanted)
+    except (ValueError, OSError) as e:
+        ok, reason = False, f"unreadable cache ({e})"
+    log(f"reusing cached masks {path} ({reason})" if ok else
+        f"cached masks {path} not reused: {reason}; recomputing")
+    return cached if ok else None
+
+
+def _preprocess_model(model, graphdef, params, devices: Devices, block_size: int):
+    """What pre-processing runs on: the model (one device), the model on the mesh (one
+    process: the factors are sums over data shards, equal to one device's), or, with
+    several processes, each process's local devices (every process computes the same
+    masks from the same calibration batches; process 0's are then used everywhere)."""
+    if devices.mesh is None:
+        return model
+    mesh = devices.mesh if jax.process_count() == 1 else sharding.make_mesh(devices=jax.local_devices())
+    return sharding.sharded_model(graphdef, params, mesh, block_size=block_size)
+
+
+def _same_on_all_processes(masks):
+    if jax.process_count() == 1:
+        return masks
+    got = multihost_utils.broadcast_one_to_all({k: np.asarray(v) for k, v in masks.items()})
+    return {k: np.asarray(v).astype(bool) for k, v in got.items()}
+
+
+def select_masks(cfg: ExperimentConfig, run: rd.RunDir, devices: Devices, model, graphdef, params,
+                 examples, tok, data_source: str) -> tuple[dict, dict]:
+    """Tile masks ``{weight name: bool [out/bs, in/bs]}``: cached ones whose metadata
+    matches, else pre-processing and selection (:func:`sylva_jax.importance.compute_masks`)
+    on calibration batches, saved to the cache. Returns the masks and summary fields.
+    ``model`` is the module, ``(graphdef, params)`` its split."""
+    cache_dir = Path(cfg.mask_cache_dir or run.masks)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    path = cache_dir / f"masks-{cfg.mask_method}.safetensors"
+    wanted = masks_lib.mask_metadata(
+        model=model_identity(cfg.model_name_or_path, params), scope=cfg.scope, sparsity=cfg.sparsity,
+        block_size=cfg.block_size, method=cfg.mask_method, num_partition=cfg.num_partition,
+        num_samples=cfg.preprocess_num_samples, factor=cfg.factor, seed=cfg.seed,
+        data=data_source, max_seq_len=cfg.max_seq_len)
+    masks = _cached_masks(path, wanted)
+    cached = masks is not None
+    if not cached:
+        calib = batches(examples, min(8, cfg.preprocess_num_samples), seed=cfg.seed + 1,
+                        pad_id=pad_id_of(tok), shuffle=True, pad_to=cfg.max_seq_len)
         try:
-            model, tok = load_pretrained(cfg["model_name_or_path"], dtype=cfg["dtype"])
-        except (FileNotFoundError, ValueError, OSError, ImportError) as e:
-            raise ExperimentError(f"cannot load model {cfg['model_name_or_path']!r}: {e}") from e
-        self.tok = tok
-        self.graphdef, self.params = llama.split(model)
-        self.model = model
-        n = sum(int(np.prod(x.shape)) for x in jax_leaves(self.params))
-        self.summary["model"] = cfg["model_name_or_path"]
-        self.summary["model_params"] = n
-        log(f"model {cfg['model_name_or_path']}: {n / 1e6:.1f} M parameters, dtype {cfg['dtype']}")
-
-    def _load_data(self) -> None:
-        from sylva_jax.data import instruct
-
-        cfg = self.cfg
-        try:
-            data = instruct.load_default_train_data(cfg["data_path"], seed=cfg["seed"])
-        except (FileNotFoundError, ValueError, OSError) as e:
-            raise ExperimentError(f"cannot load training data {cfg['data_path']!r}: {e}") from e
-        if data.fallback:
-            bar = "!" * 78
-            log(bar)
-            log(f"OFFLINE FALLBACK: training data = {data.source}")
-            log(bar)
-        convs = data.conversations
-        if cfg["max_train_samples"] is not None:
-            # tokenize a few more than needed: conversations whose answer falls past
-            # max_seq_len are dropped, and the cap applies to usable examples
-            convs = convs[: 4 * cfg["max_train_samples"]]
-        examples, stats = instruct.tokenize_dataset(self.tok, convs, cfg["max_seq_len"], cfg["template"])
-        if cfg["max_train_samples"] is not None:
-            examples = examples[: cfg["max_train_samples"]]
-            stats["n"] = len(examples)
-        if not examples:
-            raise ExperimentError(f"training data {data.source} gave no example with assistant tokens "
-                                  f"within --max_seq_len {cfg['max_seq_len']}")
-        self.examples = examples
-        self.summary["data"] = {"source": data.source, "fallback": data.fallback, **stats}
-        log(f"training data: {data.source}: {stats}")
-
-    def _load_mmlu(self) -> None:
-        from sylva_jax.data import mmlu
-
-        cfg = self.cfg
-        try:
-            data = mmlu.load_mmlu(cfg["mmlu_source"], k_shot=cfg["mmlu_shots"], seed=cfg["seed"])
-        except (FileNotFoundError, ValueError, OSError) as e:
-            raise ExperimentError(f"cannot load MMLU from {cfg['mmlu_source']!r}: {e}") from e
-        qs = mmlu.subset(data.questions, cfg["mmlu_limit"], seed=cfg["seed"])
-        self.mmlu_questions = mmlu.encode_mmlu(self.tok, qs, max_len=cfg["mmlu_max_len"])  # tokenize once
-        self.summary["mmlu"] = {"source": data.source, "fallback": data.fallback, "n": len(qs),
-                                "shots": cfg["mmlu_shots"]}
-        log(f"MMLU: {data.source}: evaluating {len(qs)} questions, {cfg['mmlu_shots']}-shot")
-
-    def _calibration_batches(self):
-        from sylva_jax.data.batching import batches
-
-        cfg = self.cfg
-        pad = _pad_id(self.tok)
-        return batches(self.examples, min(8, cfg["preprocess_num_samples"]), seed=cfg["seed"] + 1,
-                       pad_id=pad, shuffle=True, pad_to=cfg["max_seq_len"])
-
-    def _masks(self) -> None:
-        from sylva_jax import masks as masks_lib
-        from sylva_jax.importance import compute_masks
-
-        cfg = self.cfg
-        cache_dir = Path(cfg["mask_cache_dir"] or (self.out / "masks"))
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        path = cache_dir / f"masks-{cfg['mask_method']}.safetensors"
-        wanted = masks_lib.mask_metadata(
-            model=self._model_identity(), scope=cfg["scope"], sparsity=cfg["sparsity"],
-            block_size=cfg["block_size"], method=cfg["mask_method"],
-            num_partition=cfg["num_partition"], num_samples=cfg["preprocess_num_samples"],
-            factor=cfg["factor"], seed=cfg["seed"],
-            data=self.summary["data"]["source"], max_seq_len=cfg["max_seq_len"])
-        masks = None
-        if path.exists():
-            try:
-                cached, md = masks_lib.load_masks(path)
-                ok, reason = masks_lib.masks_match(md, wanted)
-            except (ValueError, OSError) as e:
-                ok, reason = False, f"unreadable cache ({e})"
-            if ok:
-                masks = cached
-                log(f"reusing cached masks {path} ({reason})")
-                self.summary["masks_cached"] = True
-            else:
-                log(f"cached masks {path} not reused: {reason}; recomputing")
-        if masks is None:
-            self.summary["masks_cached"] = False
-            try:
-                masks, rep = compute_masks(
-                    self._preprocess_model(), self._calibration_batches(), scope=cfg["scope"], sparsity=cfg["sparsity"],
-                    block_size=cfg["block_size"], method=cfg["mask_method"], seed=cfg["seed"],
-                    num_samples=cfg["preprocess_num_samples"], num_partition=cfg["num_partition"],
-                    factor=cfg["factor"])
-            except ValueError as e:
-                raise ExperimentError(f"pre-processing failed: {e}") from e
-            log(f"pre-processing + selection: {rep.get('seconds')}")
-            masks = self._same_on_all_processes(masks)
-            if self.primary:
-                masks_lib.save_masks(masks, path, wanted)
-                log(f"masks saved to {path}")
-        else:
-            masks = self._same_on_all_processes(masks)
-        rep = masks_lib.mask_report(masks, self.params)
-        log(masks_lib.format_mask_report(rep))
-        self.masks = masks
-        self.summary["mask_report"] = rep
-        self.summary["sparsity_scope"] = rep["sparsity_in_scope"]
-        self.summary["sparsity_total"] = rep["sparsity_overall"]
-
-    def _preprocess_model(self):
-        """What pre-processing runs on: the model (one device), the model on the mesh (one
-        process: the factors are sums over data shards, equal to one device's), or, with
-        several processes, each process's local devices (every process computes the same
-        masks from the same calibration batches; process 0's are then used everywhere)."""
-        import jax
-
-        from sylva_jax import sharding
-
-        if self.mesh is None:
-            return self.model
-        mesh = self.mesh if jax.process_count() == 1 else sharding.make_mesh(devices=jax.local_devices())
-        return sharding.sharded_model(self.graphdef, self.params, mesh, block_size=self.cfg["block_size"])
-
-    def _same_on_all_processes(self, masks):
-        import jax
-
-        if jax.process_count() == 1:
-            return masks
-        from jax.experimental import multihost_utils
-
-        got = multihost_utils.broadcast_one_to_all({k: np.asarray(v) for k, v in masks.items()})
-        return {k: np.asarray(v).astype(bool) for k, v in got.items()}
-
-    def _model_identity(self) -> str:
-        """Model name plus a cheap content fingerprint (shapes and a few sums)."""
-        import hashlib
-
-        from sylva_jax import tree as tree_lib
-
-        h = hashlib.sha256(str(self.cfg["model_name_or_path"]).encode())
-        for name, leaf in sorted(tree_lib.flatten(self.params).items()):
-            a = np.asarray(leaf.reshape(-1)[:64], dtype=np.float32)
-            h.update(name.encode() + str(tuple(leaf.shape)).encode() + a.tobytes())
-        return f"{self.cfg['model_name_or_path']}#{h.hexdigest()[:16]}"
-
-    def _build_trainer(self) -> None:
-        from sylva_jax.train import make_train_step
-
-        cfg = self.cfg
-        per_step = self.global_batch * cfg["gradient_accumulation_steps"]
-        if cfg["max_steps"] is not None:
-            total = int(cfg["max_steps"])
-        else:
-            total = max(1, int(math.ceil(cfg["num_train_epochs"] * len(self.examples) / per_step)))
-        self.total_steps = total
-        warm = min(cfg["num_warmup_steps"], max(total - 1, 0))
-        if warm != cfg["num_warmup_steps"]:
-            log(f"warm-up shortened to {warm} updates (only {total} updates in the run)")
-        kw = dict(method=cfg["method"], learning_rate=cfg["learning_rate"], schedule=cfg["scheduler"],
-                  warmup_steps=warm, total_steps=total if cfg["scheduler"] != "constant" else None,
-                  weight_decay=cfg["weight_decay"], accum_steps=cfg["gradient_accumulation_steps"])
-        if cfg["method"] == "sylva":
-            from sylva_jax.adapter import make_adapter
-
-            self.adapter = make_adapter(self.params, self.masks, block_size=cfg["block_size"])
-            kw["adapter"] = self.adapter
-        elif cfg["method"] == "lora":
-            kw.update(scope=cfg["scope"], lora_rank=cfg["lora_rank"], lora_alpha=cfg["lora_alpha"],
-                      lora_dropout=cfg["lora_dropout"])
-        self.trainer = make_train_step(self.graphdef, **kw)
-        if self.mesh is None:
-            self.state = self.trainer.init(self.params, seed=cfg["seed"])
-            self._step = self.trainer.step
-        else:
-            from sylva_jax import sharding
-
-            params = sharding.shard_params(self.params, self.mesh, block_size=cfg["block_size"])
-            self.params = None
-            state = self.trainer.init(params, seed=cfg["seed"])
-            self._step, self.state = sharding.sharded_step(self.trainer, self.mesh, state,
-                                                           block_size=cfg["block_size"])
-        self._build_eval()
-        self.params = None  # the state owns (and donates) the weights now
-        self.model = None
-        n = self.trainer.num_trainable
-        self.summary.update(method=cfg["method"], trainable_params=n, total_steps=total,
-                            tokens_per_step_max=self.global_batch * cfg["gradient_accumulation_steps"] * cfg["max_seq_len"])
-        if cfg["method"] != "sylva":
-            self.summary.setdefault("sparsity_scope", None)
-            self.summary.setdefault("sparsity_total", None)
-        log(f"method {cfg['method']}: {n:,} trainable parameters; {total} optimizer updates of "
-            f"{cfg['per_device_train_batch_size']} x {cfg['gradient_accumulation_steps']} sequences")
-
-    # ------------------------------------------------------------------ evaluation
-    def _build_eval(self) -> None:
-        """``self._answer_logits(ids, mask) -> [B, V]``: the logits at each row's last real
-        token, computed on device (on the mesh: rows split when the batch divides, weights
-        as sharded for training; the small result replicated and read on every process)."""
-        import jax
-        import jax.numpy as jnp
-
-        logits = self.trainer.logits
-
-        def last(state, ids, mask):  # the LM head at each row's last real token only
-            return logits(state, ids, mask, positions=jnp.sum(mask, axis=-1) - 1)
-
-        if self.mesh is None:
-            f = jax.jit(last)
-            self._answer_logits = lambda ids, mask: f(self.state, ids, mask)
-            return
-        from jax.sharding import NamedSharding, PartitionSpec
-
-        from sylva_jax import sharding
-
-        rep = NamedSharding(self.mesh, PartitionSpec())
-        rows = (sharding.batch_sharding(self.mesh) if self.cfg["eval_batch_size"] % self.ways == 0
-                else rep)
-        f = jax.jit(last, out_shardings=rep)
-
-        def answer_logits(ids, mask):
-            g = sharding.put({"ids": np.asarray(ids), "mask": np.asarray(mask)}, rows)
-            return sharding.to_host(f(self.state, g["ids"], g["mask"]))
-
-        self._answer_logits = answer_logits
-
-    def _evaluate(self) -> dict:
-        from sylva_jax.data.mmlu import evaluate_mmlu
-
-        cfg = self.cfg
-        t0 = time.perf_counter()
-        res = evaluate_mmlu(self._answer_logits, self.tok, self.mmlu_questions, batch_size=cfg["eval_batch_size"])
-        res["seconds"] = time.perf_counter() - t0
-        self.times["evaluate"] = self.times.get("evaluate", 0.0) + res["seconds"]
-        return res
-
-    # ------------------------------------------------------------------ training
-    def _step_batch(self, pos: int) -> dict:
-        cfg = self.cfg
-        from sylva_jax.data.batching import collate
-
-        b, k = self.global_batch, cfg["gradient_accumulation_steps"]
-        samples = self.stream.take(pos, b * k)
-        T = _bucket(max(len(s["input_ids"]) for s in samples), cfg["max_seq_len"])
-        pad = _pad_id(self.tok)
-        micro = [collate(samples[i * b:(i + 1) * b], pad_id=pad, pad_to=T) for i in range(k)]
-        if k == 1:
-            batch = micro[0]
-        else:
-            batch = {name: np.stack([m[name] for m in micro]) for name in micro[0]}
-        tokens = int(np.sum(batch["attention_mask"]))  # real (non-padding) tokens, all processes
-        if self.mesh is not None:
-            from sylva_jax import sharding
-
-            rows = sharding.process_batch_slice(b, self.mesh)  # this process reads only its rows
-            mine = {n: (v[rows] if k == 1 else v[:, rows]) for n, v in batch.items()}
-            batch = sharding.shard_batch(mine, self.mesh, accum_steps=k, global_batch_size=b)
-        return batch, tokens
-
-    def _train_and_evaluate(self) -> str:
-        import jax
-
-        from sylva_jax import checkpoint as ckpt_lib
-
-        cfg = self.cfg
-        self.stream = SampleStream(self.examples, seed=cfg["seed"])
-        eval_interval = cfg["eval_interval"] or self.total_steps
-        save_interval = cfg["save_interval"] or eval_interval
-        metrics_path = self.out / "metrics.jsonl"
-        evals_path = self.out / "evals.jsonl"
-        self.ckpt = ckpt_lib.RunCheckpoints(self.out / "checkpoints", keep=cfg["keep_checkpoints"])
-
-        best = {"score": -1.0, "step": None}
-        if cfg["resume"]:
-            restored = self.ckpt.restore_latest(self.state)
-            if restored is None:
-                raise ExperimentError(f"--resume: no usable checkpoint in {self.out / 'checkpoints'}")
-            self.state, extra = restored
-            best = extra.get("best", best)
-            self.summary["mmlu_before"] = extra.get("mmlu_before")
-            step0 = int(self._host(self.state.step))
-            if self.primary:
-                _truncate_jsonl(metrics_path, step0)
-                _truncate_jsonl(evals_path, step0)
-            log(f"resumed from step {step0} (data position {self._data_pos()}); best so far {best}")
-        else:
-            with _Stage("evaluate_before", self.times):
-                res = self._evaluate()
-            self.summary["mmlu_before"] = res["accuracy_macro"]
-            self.summary["mmlu_before_per_subject"] = res["per_subject"]
-            self._append(evals_path, {"step": 0, "mmlu": res["accuracy_macro"],
-                                       "mmlu_micro": res["accuracy_micro"], "seconds": res["seconds"]})
-            log(f"MMLU before training: {res['accuracy_macro']:.4f} (macro), {res['accuracy_micro']:.4f} (micro)")
-
-        status = "finished"
-        old_handler = signal.signal(signal.SIGINT, self._on_sigint)
-        tokens_trained = 0
-        train_time = 0.0
-        first_step = True
-        window: list[dict] = []
-        try:
-            from tqdm.auto import tqdm
-
-            step = int(self._host(self.state.step))
-            step0_session = step
-            bar = tqdm(total=self.total_steps, initial=step, desc="train", dynamic_ncols=True,
-                       disable=None, file=sys.stdout)
-            while step < self.total_steps:
-                batch, tok = self._step_batch(self._data_pos())
-                t0 = time.perf_counter()
-                new_state, m = self._step(self.state, batch)
-                m = self._host(m)
-                loss = float(m["loss"])  # waits for the step
-                dt = time.perf_counter() - t0
-                if not math.isfinite(loss):
-                    # the donated old state is gone; the new one holds non-finite values: keep the
-                    # last good checkpoint on disk untouched and stop
-                    self.state = None
-                    raise ExperimentError(
-                        f"loss is {loss} at optimizer step {step + 1}; stopping. The last good checkpoint "
-                        f"in {self.out / 'checkpoints'} is intact (lower --learning_rate, or check the data)")
-                self.state = new_state
-                step += 1
-                if not first_step:  # the first step of a session includes compilation
-                    tokens_trained += tok
-                    train_time += dt
-                first_step = False
-                rec = {"step": step, "loss": loss, "lr": float(m["lr"]), "grad_norm": float(m["grad_norm"]),
-                       "tokens": tok, "loss_tokens": int(m["tokens"]), "step_time_s": dt, "tokens_per_s": tok / dt if dt > 0 else None}
-                window.append(rec)
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss:.3f}", lr=f"{rec['lr']:.2e}", tok_s=f"{tok / max(dt, 1e-9):.0f}")
-                if step % cfg["log_interval"] == 0 or step == self.total_steps:
-                    agg = {"step": step, "loss": float(np.mean([r["loss"] for r in window])),
-                           "lr": rec["lr"], "grad_norm": rec["grad_norm"],
-                           "tokens_per_s": sum(r["tokens"] for r in window) / max(sum(r["step_time_s"] for r in window), 1e-9),
-                           "elapsed_s": time.perf_counter() - self.t_start}
-                    self._append(metrics_path, agg)
-                    if bar.disable:  # no terminal: a plain log line instead of the bar
-                        eta = (self.total_steps - step) * (train_time / max(step - step0_session - 1, 1))
-                        log(f"step {step}/{self.total_steps} loss {agg['loss']:.4f} lr {agg['lr']:.2e} "
-                            f"{agg['tokens_per_s']:.0f} tok/s, ETA {eta / 60:.1f} min (training only)")
-                    window = []
-                did_eval = False
-                if step % eval_interval == 0 or step == self.total_steps:
-                    res = self._evaluate()
-                    did_eval = True
-                    score = res["accuracy_macro"]
-                    self._append(evals_path, {"step": step, "mmlu": score, "mmlu_micro": res["accuracy_micro"],
-                                               "seconds": res["seconds"]})
-                    bar.write(f"{_TAG[0]} step {step}: MMLU {score:.4f} (best {max(best['score'], score):.4f})")
-                    if score > best["score"]:
-                        best = {"score": score, "step": step}
-                        self.ckpt.save_best(step, self.state, {"mmlu": score})
-                    self.summary["mmlu_last"] = score
-                    self.summary["mmlu_last_per_subject"] = res["per_subject"]
-                    if cfg["target_score"] is not None and score >= cfg["target_score"]:
-                        status = "target_reached"
-                if did_eval or step % save_interval == 0 or status == "target_reached":
-                    self.ckpt.save(step, self.state, {"best": best, "mmlu_before": self.summary.get("mmlu_before")})
-                if status == "target_reached":
-                    bar.write(f"{_TAG[0]} target score {cfg['target_score']} reached at step {step}; stopping")
-                    break
-                planned_stop = (cfg["stop_at_step"] is not None and step >= cfg["stop_at_step"]
-                                and step < self.total_steps)
-                if self._stop_requested or planned_stop:
-                    self.ckpt.save(step, self.state, {"best": best, "mmlu_before": self.summary.get("mmlu_before")})
-                    status = "interrupted" if self._stop_requested else "stopped"
-                    bar.write(f"{_TAG[0]} {status}: checkpoint saved at step {step}; "
-                              f"continue with --resume")
-                    break
-            bar.close()
-        finally:
-            signal.signal(signal.SIGINT, old_handler)
-            self.ckpt.wait()
-
-        if status not in ("interrupted", "stopped"):
-            self.summary["mmlu_after"] = self.summary.get("mmlu_last")
-        self.summary["params_sha256"] = _params_sha256(self._host(self.state.params))
-        self.summary.update(best_step=best["step"], mmlu_best=best["score"] if best["step"] else None,
-                            steps_done=int(self._host(self.state.step)), tokens_timed=tokens_trained,
-                            tokens_per_s=tokens_trained / train_time if train_time > 0 else None)
-        if status not in ("interrupted", "stopped") and cfg["method"] == "sylva":
-            from sylva_jax.checkpoint import save_adapter
-
-            best_state = self.ckpt.restore_best(self.state) or self.state
-            best_params = self._host(best_state.params)  # gathered on every process
-            if self.primary:
-                path = save_adapter(self.out / "adapter", self.adapter, best_params)
-                log(f"adapter (best step {best['step']}) saved to {path}")
-        return status
-
-    def _host(self, tree):
-        """NumPy values of (possibly sharded, possibly multi-host) arrays; a collective when
-        several processes hold shards, so every process calls it at the same point."""
-        if self.mesh is None:
-            return tree
-        from sylva_jax import sharding
-
-        return sharding.to_host(tree)
-
-    def _data_pos(self) -> int:
-        return int(self._host(self.state.data_pos))
-
-    def _append(self, path: Path, rec: dict) -> None:
-        if self.primary:
-            _append_jsonl(path, rec)
-
-    def _on_sigint(self, signum, frame):
-        if self._stop_requested:  # second Ctrl-C: give up at once
-            raise KeyboardInterrupt
-        self._stop_requested = True
-        print(f"\n{LOG_PREFIX} Ctrl-C: finishing the current step, saving, exiting "
-              f"(press again to abort without saving)", flush=True)
-
-    # ------------------------------------------------------------------ plot
-    def _plot(self) -> None:
-        try:
-            import matplotlib
-
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except ImportError:  # pragma: no cover
-            log("matplotlib missing: no plot")
-            return
-        metrics = _read_jsonl(self.out / "metrics.jsonl")
-        evals = _read_jsonl(self.out / "evals.jsonl")
-        fig, ax1 = plt.subplots(figsize=(7, 4))
-        if metrics:
-            ax1.plot([m["step"] for m in metrics], [m["loss"] for m in metrics], color="tab:blue", label="train loss")
-        ax1.set_xlabel("optimizer step")
-        ax1.set_ylabel("training loss", color="tab:blue")
-        ax2 = ax1.twinx()
-        if evals:
-            ax2.plot([e["step"] for e in evals], [e["mmlu"] for e in evals], "o-", color="tab:red", label="MMLU")
-        ax2.set_ylabel("MMLU accuracy (macro)", color="tab:red")
-        ax1.set_title(f"{self.cfg['method']} on {self.cfg['model_name_or_path']}")
-        fig.tight_layout()
-        fig.savefig(self.out / "curves.png", dpi=100)
-        plt.close(fig)
+            masks, rep = compute_masks(
+                _preprocess_model(model, graphdef, params, devices, cfg.block_size), calib,
+                scope=cfg.scope, sparsity=cfg.sparsity, block_size=cfg.block_size, method=cfg.mask_method,
+                seed=cfg.seed, num_samples=cfg.preprocess_num_samples, num_partition=cfg.num_partition,
+                factor=cfg.factor)
+        except ValueError as e:
+            raise ExperimentError(f"pre-processing failed: {e}") from e
+        log(f"pre-processing + selection: {rep.get('seconds')}")
+    masks = _same_on_all_processes(masks)
+    if not cached and devices.primary:
+        masks_lib.save_masks(masks, path, wanted)
+        log(f"masks saved to {path}")
+    rep = masks_lib.mask_report(masks, params)
+    log(masks_lib.format_mask_report(rep))
+    return masks, {"masks_cached": cached, "mask_report": rep, "sparsity_scope": rep["sparsity_in_scope"],
+                   "sparsity_total": rep["sparsity_overall"]}
 
 
-def _params_sha256(params) -> str:
+# ----------------------------------------------------------------------------- 4. trainer
+
+
+@dataclasses.dataclass(frozen=True)
+class Built:
+    """The trainer (:class:`sylva_jax.train.Trainer`), its first state, the step to call
+    (jitted; on a mesh, re-jitted with shardings), the adapter (sylva) and the length."""
+
+    trainer: Any
+    state: Any
+    step: Any
+    adapter: Any
+    total_steps: int
+
+
+def _total_steps(cfg: ExperimentConfig, n_examples: int, per_step: int) -> int:
+    if cfg.max_steps is not None:
+        return int(cfg.max_steps)
+    return max(1, int(math.ceil(cfg.num_train_epochs * n_examples / per_step)))
+
+
+def build_trainer(cfg: ExperimentConfig, devices: Devices, graphdef, params, masks, n_examples: int,
+                  global_batch: int) -> tuple[Built, dict]:
+    """The training step of ``cfg.method`` through :func:`sylva_jax.train.make_train_step`,
+    its state from the weights ``params``, and summary fields."""
+    total = _total_steps(cfg, n_examples, global_batch * cfg.gradient_accumulation_steps)
+    warm = min(cfg.num_warmup_steps, max(total - 1, 0))
+    if warm != cfg.num_warmup_steps:
+        log(f"warm-up shortened to {warm} updates (only {total} updates in the run)")
+    kw = dict(method=cfg.method, learning_rate=cfg.learning_rate, schedule=cfg.scheduler,
+              warmup_steps=warm, total_steps=total if cfg.scheduler != "constant" else None,
+              weight_decay=cfg.weight_decay, accum_steps=cfg.gradient_accumulation_steps)
+    adapter = None
+    if cfg.method == "sylva":
+        adapter = kw["adapter"] = make_adapter(params, masks, block_size=cfg.block_size)
+    elif cfg.method == "lora":
+        kw.update(scope=cfg.scope, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
+                  lora_dropout=cfg.lora_dropout)
+    trainer = make_train_step(graphdef, **kw)
+    if devices.mesh is None:
+        state, step = trainer.init(params, seed=cfg.seed), trainer.step
+    else:
+        state = trainer.init(sharding.shard_params(params, devices.mesh, block_size=cfg.block_size),
+                             seed=cfg.seed)
+        step, state = sharding.sharded_step(trainer, devices.mesh, state, block_size=cfg.block_size)
+    n = trainer.num_trainable
+    log(f"method {cfg.method}: {n:,} trainable parameters; {total} optimizer updates of "
+        f"{cfg.per_device_train_batch_size} x {cfg.gradient_accumulation_steps} sequences")
+    facts = {"method": cfg.method, "trainable_params": n, "total_steps": total,
+             "tokens_per_step_max": global_batch * cfg.gradient_accumulation_steps * cfg.max_seq_len}
+    if cfg.method != "sylva":
+        facts.update(sparsity_scope=None, sparsity_total=None)
+    return Built(trainer, state, step, adapter, total), facts
+
+
+def _prepare(cfg: ExperimentConfig, run: rd.RunDir, devices: Devices, global_batch: int,
+             times: dict) -> tuple[Built, Any, list, list, dict]:
+    """Stages 2-4: ``(built, tokenizer, examples, MMLU questions, summary fields)``. The
+    model's own arrays are dropped on return: the training state owns (and donates) them."""
+    facts: dict = {}
+    with stage("load_model", times):
+        model, graphdef, params, tok, f = load_model(cfg)
+        facts.update(f)
+    with stage("load_data", times):
+        examples, f = load_data(cfg, tok)
+        facts.update(f)
+    with stage("load_mmlu", times):
+        questions, f = load_mmlu(cfg, tok)
+        facts.update(f)
+    masks = None
+    if cfg.method == "sylva":
+        with stage("masks", times):
+            masks, f = select_masks(cfg, run, devices, model, graphdef, params, examples, tok,
+                                    facts["data"]["source"])
+            facts.update(f)
+    with stage("build_trainer", times):
+        built, f = build_trainer(cfg, devices, graphdef, params, masks, len(examples), global_batch)
+        facts.update(f)
+    return built, tok, examples, questions, facts
+
+
+# ----------------------------------------------------------------------------- 6-7. the end
+
+
+def params_sha256(params) -> str:
     """Content hash of every weight (names, shapes, bytes): equal runs give equal hashes."""
-    import hashlib
-
-    from sylva_jax import tree as tree_lib
-
     h = hashlib.sha256()
     for name, leaf in sorted(tree_lib.flatten(params).items()):
         a = np.asarray(leaf)
@@ -726,39 +347,70 @@ def _params_sha256(params) -> str:
     return h.hexdigest()
 
 
-def jax_leaves(tree):
-    import jax
-
-    return jax.tree_util.tree_leaves(tree)
-
-
-def _pad_id(tok) -> int:
-    from sylva_jax.data.batching import pad_id_of
-
-    return pad_id_of(tok)
-
-
-def _append_jsonl(path: Path, rec: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(rec, default=_json_default) + "\n")
-        f.flush()
+def outcome_facts(outcome: Outcome, devices: Devices) -> dict:
+    """The summary fields of the training loop's outcome."""
+    facts: dict = {}
+    if outcome.last_eval is not None:
+        facts.update(mmlu_last=outcome.last_eval["accuracy_macro"],
+                     mmlu_last_per_subject=outcome.last_eval["per_subject"])
+    if outcome.status not in ("interrupted", "stopped"):
+        facts["mmlu_after"] = facts.get("mmlu_last")
+    best = outcome.best
+    facts.update(params_sha256=params_sha256(devices.host(outcome.state.params)),
+                 best_step=best["step"], mmlu_best=best["score"] if best["step"] else None,
+                 steps_done=int(devices.host(outcome.state.step)), tokens_timed=outcome.tokens_timed,
+                 tokens_per_s=outcome.tokens_timed / outcome.train_time if outcome.train_time > 0 else None)
+    return facts
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        line = line.strip()
-        if line:
-            try:
-                out.append(json.loads(line))
-            except ValueError:
-                pass  # a line cut by a crash
-    return out
+def export(cfg: ExperimentConfig, run: rd.RunDir, devices: Devices, built: Built, ckpts,
+           outcome: Outcome) -> None:
+    """The exports of a completed run, from its best checkpoint: the Sylva adapter
+    (``adapter/``: tiles, coordinates, base fingerprint). Stopped and interrupted runs
+    export nothing (they are resumed first)."""
+    if outcome.status in ("interrupted", "stopped"):
+        return
+    if cfg.method == "sylva":
+        best_state = ckpts.restore_best(outcome.state) or outcome.state
+        best_params = devices.host(best_state.params)  # gathered on every process
+        if devices.primary:
+            path = ckpt_lib.save_adapter(run.adapter, built.adapter, best_params)
+            log(f"adapter (best step {outcome.best['step']}) saved to {path}")
 
 
-def _truncate_jsonl(path: Path, step: int) -> None:
-    """Drop records past ``step`` (written after the checkpoint we resume from)."""
-    recs = [r for r in _read_jsonl(path) if r.get("step", 0) <= step]
-    atomic.write_text(path, "".join(json.dumps(r) + "\n" for r in recs))
+def _close(cfg: ExperimentConfig, run: rd.RunDir, devices: Devices, summary: dict) -> None:
+    if devices.primary:
+        rd.write_json(run.summary, summary)
+        plot_curves(run.plot, rd.read_jsonl(run.metrics), rd.read_jsonl(run.evals),
+                    f"{cfg.method} on {cfg.model_name_or_path}")
+    short = {k: v for k, v in summary.items() if k not in ("mmlu_per_subject", "mask_report")}
+    log(f"summary: {rd.to_json(short)}")
+
+
+# ----------------------------------------------------------------------------- all stages
+
+
+def execute(cfg: ExperimentConfig) -> dict[str, Any]:
+    """Run every stage for the checked ``cfg``; the summary (also ``summary.json``)."""
+    t_start = time.perf_counter()
+    times: dict[str, float] = {}
+    run, devices, summary = open_run(cfg)
+    global_batch = summary["mesh"]["global_batch"]
+    built, tok, examples, questions, facts = _prepare(cfg, run, devices, global_batch, times)
+    summary.update(facts)
+    answer_logits = make_answer_logits(built.trainer.logits, devices, cfg.eval_batch_size)
+    evaluate = make_evaluator(answer_logits, tok, questions, batch_size=cfg.eval_batch_size, times=times)
+    ckpts = ckpt_lib.RunCheckpoints(run.checkpoints, keep=cfg.keep_checkpoints)
+    loop = Loop(cfg=cfg, run=run, devices=devices, step=built.step, evaluate=evaluate, ckpts=ckpts,
+                examples=examples, pad_id=pad_id_of(tok), total_steps=built.total_steps,
+                global_batch=global_batch, t_start=t_start)
+    with contextlib.nullcontext() if cfg.resume else stage("evaluate_before", times):
+        state, best, facts = start(loop, built.state)
+    summary.update(facts)
+    built = dataclasses.replace(built, state=None)  # the loop's state replaces (and donates) it
+    outcome = train(loop, state, best, summary["mmlu_before"])
+    summary.update(outcome_facts(outcome, devices))
+    export(cfg, run, devices, built, ckpts, outcome)
+    summary.update(status=outcome.status, wall_time_s=time.perf_counter() - t_start, stage_times_s=times)
+    _close(cfg, run, devices, summary)
+    return summary

@@ -215,3 +215,168 @@ def test_smoke_preset_end_to_end_on_smollm2(tmp_path):
     assert 0.0 <= s["mmlu_before"] <= 1.0 and 0.0 <= s["mmlu_after"] <= 1.0
     # 5% of the attention weights train: 95% sparse in scope, far sparser overall
     assert abs(s["sparsity_scope"] - 0.95) < 0.01 and s["sparsity_total"] > 0.98
+
+
+# ----------------------------------------------------------------------------- the typed config
+# (fast: no model, no jax run)
+
+
+def test_generated_parser_has_a_flag_for_every_field_and_parses_its_type():
+    import dataclasses
+
+    from sylva_jax.experiment_config import BASE, ExperimentConfig, build_parser, resolve_config
+
+    parser = build_parser()
+    dests = {a.dest: a for a in parser._actions}
+    fields = dataclasses.fields(ExperimentConfig)
+    assert {f.name for f in fields} <= set(dests)
+    # every value flag given on the command line lands in its field, with the field's type
+    for f in fields:
+        if f.name in ("preset", "resume", "overwrite"):
+            continue
+        base = getattr(BASE, f.name)
+        allowed = dests[f.name].choices
+        if allowed is not None:
+            value = [c for c in allowed if c != base][0]
+        elif isinstance(base, bool):
+            raise AssertionError(f"{f.name}: a bool field other than the switches")
+        elif dests[f.name].type is int:
+            value = 3
+        elif dests[f.name].type is float:
+            value = 0.25
+        else:
+            value = "some/path"
+        cfg = resolve_config(parser.parse_args(["--output_dir", "/tmp/x", f"--{f.name}", str(value)])
+                             if f.name != "output_dir" else parser.parse_args([f"--{f.name}", str(value)]))
+        got = getattr(cfg, f.name)
+        assert got == value and type(got) is type(value), (f.name, got, value)
+    cfg = resolve_config(parser.parse_args(["--resume", "--overwrite", "--preset", "smoke"]))
+    assert cfg.resume is True and cfg.overwrite is True and cfg.preset == "smoke"
+
+
+def test_mask_method_choices_are_the_scorers_of_importance():
+    from sylva_jax.experiment_config import build_parser
+    from sylva_jax.importance import METHODS
+
+    (action,) = [a for a in build_parser()._actions if a.dest == "mask_method"]
+    assert tuple(action.choices) == tuple(METHODS)
+
+
+def test_presets_are_replaces_of_the_base_and_flags_override_one_field():
+    import dataclasses
+
+    from sylva_jax.experiment_config import BASE, PRESETS, build_parser, resolve_config
+
+    parser = build_parser()
+    for name, preset in PRESETS.items():
+        assert type(preset) is type(BASE) and preset.preset == name
+        # no flags: exactly the preset
+        assert resolve_config(parser.parse_args(["--preset", name])) == preset
+        # one flag: exactly one field differs from the preset
+        cfg = resolve_config(parser.parse_args(["--preset", name, "--seed", "7"]))
+        diff = {f.name for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != getattr(preset, f.name)}
+        assert diff == {"seed"} and cfg.seed == 7
+    assert resolve_config(parser.parse_args([])) == PRESETS["default"]
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("sparsity", 1.0, "--sparsity must be in [0, 1), got 1.0"),
+    ("max_seq_len", 0, "--max_seq_len must be a positive integer, got 0"),
+    ("keep_checkpoints", -1, "--keep_checkpoints must be a positive integer, got -1"),
+    ("learning_rate", 0.0, "--learning_rate must be positive, got 0.0"),
+    ("num_warmup_steps", -1, "--num_warmup_steps must be >= 0, got -1"),
+    ("max_steps", 0, "--max_steps must be >= 1, got 0"),
+    ("target_score", 1.5, "--target_score is an accuracy in (0, 1], got 1.5"),
+    ("mesh_data", 0, "--mesh_data must be a positive integer, got 0"),
+    ("lora_rank", 0, "--lora_rank must be >= 1, got 0"),
+    ("lora_dropout", 1.0, "--lora_dropout must be in [0, 1), got 1.0"),
+    ("output_dir", None, "--output_dir is required with this preset"),
+])
+def test_a_bad_value_gives_the_fields_check_error(field, value, message):
+    import dataclasses
+
+    from sylva_jax.experiment_config import PRESETS, ExperimentError, check_config
+
+    good = PRESETS["smoke"]
+    assert check_config(good) is good
+    with pytest.raises(ExperimentError) as e:
+        check_config(dataclasses.replace(good, **{field: value}))
+    assert str(e.value) == message
+
+
+def test_bad_flags_and_settings_exit_2_before_any_work(tmp_path, capsys):
+    from sylva_jax.experiment import main, run
+
+    out = tmp_path / "never"
+    rc, got = _run(["--preset", "smoke", "--output_dir", str(out), "--eval_interval", "0"], capsys)
+    assert rc == 2 and "--eval_interval must be >= 1, got 0" in got.err and not out.exists()
+    # Python callers: a config or an args.json-style mapping, checked the same way
+    from sylva_jax.experiment_config import PRESETS, ExperimentError
+
+    settings = PRESETS["smoke"].to_dict()
+    with pytest.raises(ExperimentError, match="--mmlu_shots must be >= 0"):
+        run({**settings, "output_dir": str(out), "mmlu_shots": -1})
+    with pytest.raises(ExperimentError, match=r"unknown experiment settings \['sparsity_typo'\]"):
+        run({**settings, "sparsity_typo": 0.5})
+    with pytest.raises(ExperimentError, match="--method must be one of sylva, lora, full"):
+        run({**settings, "method": "dense"})
+    assert not out.exists()
+
+
+def test_run_directory_rules(tmp_path):
+    from sylva_jax import run_dir as rd
+    from sylva_jax.experiment_config import ExperimentError
+
+    def prepare(run, **kw):
+        rd.prepare(run, primary=True, barrier=lambda name: None, **kw)
+
+    run = rd.RunDir(tmp_path / "r")
+    with pytest.raises(ExperimentError, match="does not exist or is empty; nothing to resume"):
+        prepare(run, resume=True, overwrite=False)
+    prepare(run, resume=False, overwrite=False)  # a new run: created
+    assert run.root.is_dir()
+    run.checkpoints.mkdir()
+    with pytest.raises(ExperimentError, match="holds an unfinished run; pass --resume"):
+        prepare(run, resume=False, overwrite=False)
+    prepare(run, resume=True, overwrite=False)
+    rd.write_json(run.summary, {"status": "finished"})
+    for resume, match in ((False, "refusing to overwrite it"), (True, "nothing to resume")):
+        with pytest.raises(ExperimentError, match=match):
+            prepare(run, resume=resume, overwrite=False)
+    run.masks.mkdir()
+    (run.masks / "m.safetensors").write_text("kept")
+    prepare(run, resume=False, overwrite=True)  # cleared, except the mask cache
+    assert sorted(p.name for p in run.root.iterdir()) == ["masks"]
+    # a resume must keep the stopped run's settings, except the resumable ones
+    rd.write_json(run.args, {"seed": 0, "log_interval": 1, "sparsity": 0.9})
+    rd.check_resume_settings(run, {"seed": 0, "log_interval": 5, "sparsity": 0.9})
+    with pytest.raises(ExperimentError, match=r"seed: was 0, now 1; sparsity: was 0.9, now 0.5"):
+        rd.check_resume_settings(run, {"seed": 1, "log_interval": 1, "sparsity": 0.5})
+
+
+def test_jsonl_records_survive_a_cut_line_and_truncate_to_a_step(tmp_path):
+    from sylva_jax import run_dir as rd
+
+    path = tmp_path / "m.jsonl"
+    for step in (1, 2, 3):
+        rd.append_jsonl(path, {"step": step, "loss": np.float32(step / 2)})
+    with open(path, "a") as f:
+        f.write('{"step": 4, "lo')  # a crash mid-line
+    assert rd.read_jsonl(path) == [{"step": s, "loss": s / 2} for s in (1, 2, 3)]
+    rd.truncate_jsonl(path, 2)
+    assert rd.read_jsonl(path) == [{"step": 1, "loss": 0.5}, {"step": 2, "loss": 1.0}]
+
+
+def test_metric_window_folds_steps_into_one_line():
+    from sylva_jax.run_log import MetricWindow
+
+    w = MetricWindow(t_start=0.0)
+    recs = [{"step": s, "loss": l, "lr": 1e-3 * s, "grad_norm": g, "tokens": t, "step_time_s": dt}
+            for s, l, g, t, dt in ((1, 2.0, 0.5, 100, 0.5), (2, 1.0, 0.25, 300, 1.5))]
+    for r in recs:
+        w.add(r)
+    line = w.line()
+    assert line["step"] == 2 and line["loss"] == pytest.approx(1.5)
+    assert line["lr"] == pytest.approx(2e-3) and line["grad_norm"] == 0.25
+    assert line["tokens_per_s"] == pytest.approx(400 / 2.0)
+    assert w.records == []  # the next line starts a new window
