@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from sylva_jax import tree as tree_lib
 from sylva_jax.interop import _files
 from sylva_jax.lora import LoraParams
+from sylva_jax.progress import track
 
 __all__ = ["save_peft_lora", "load_peft_lora", "lora_target_modules"]
 
@@ -66,7 +67,8 @@ def save_peft_lora(out_dir: str | os.PathLike, lora: LoraParams, base_params: An
 
     flat = tree_lib.flatten(base_params)
     tensors = {}
-    for path, f in lora.factors.items():
+    for path in track(lora.factors, "LoRA factors", unit="weight", every_s=10, delay_s=2):
+        f = lora.factors[path]
         if path not in flat:
             raise KeyError(f"LoRA factors for {path!r} have no weight in base_params; pass the base model the "
                            "factors were trained on")

@@ -27,6 +27,7 @@ import numpy as np
 
 from sylva_jax import tree as tree_lib
 from sylva_jax.interop import _files
+from sylva_jax.progress import track
 
 __all__ = ["shira_rank", "shira_tensors", "save_peft_shira", "load_peft_shira"]
 
@@ -83,7 +84,8 @@ def shira_tensors(adapter, params: Any, base_params: Any) -> tuple[int, dict[str
     base = adapter.tiles(base_params)
     bs = adapter.block_size
     out: dict[str, np.ndarray] = {}
-    for path, (rows, cols) in adapter.coords.items():
+    for path in track(adapter.coords, "SHiRA deltas", unit="weight", every_s=10, delay_s=2):
+        rows, cols = adapter.coords[path]
         out_dim, in_dim = _out_in(adapter, path)
         n = r * (out_dim + in_dim)
         delta = np.asarray(jax.device_get(tuned[path].astype(jnp.float32) - base[path].astype(jnp.float32)))
