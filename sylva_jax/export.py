@@ -43,28 +43,33 @@ __all__ = [
 
 
 def export_peft(out_dir: str | os.PathLike, method: str, params: Any, *, adapter=None, lora=None,
-                base_params: Any = None, base_name_or_path: str | None = None, lora_dropout: float = 0.0) -> Path:
+                base_params: Any = None, base_tiles: Any = None, base_name_or_path: str | None = None,
+                lora_dropout: float = 0.0) -> Path:
     """Write the PEFT adapter of a run.
 
     Args:
       out_dir: the adapter directory (atomic; an existing export is replaced).
-      method: ``"sylva"`` (needs ``adapter`` and ``base_params``: the tiles are exported
-        as deltas from the base) or ``"lora"`` (needs ``lora``; ``base_params`` defaults to
+      method: ``"sylva"`` (needs ``adapter`` and ``base_params`` or ``base_tiles``: the
+        tiles are exported as deltas from the base) or ``"lora"`` (needs ``lora``; ``base_params`` defaults to
         ``params``, the frozen base of a lora run).
       params: the run's parameters (``TrainState.params``).
       adapter: the Sylva :class:`sylva_jax.adapter.Adapter`.
       lora: the :class:`sylva_jax.lora.LoraParams` (``TrainState.extras``).
       base_params: the base model's parameters.
+      base_tiles: for sylva, instead of ``base_params``: ``adapter.tiles(base_params)``
+        taken before training.
       base_name_or_path: ``base_model_name_or_path`` written in the config.
       lora_dropout: recorded in a LoRA config.
     Returns the directory. ``ValueError`` for ``"full"`` (no adapter: use
     :func:`export_merged`) and for Sylva tiles that do not fit SHiRA (:func:`shira_rank`).
     """
     if method == "sylva":
-        if adapter is None or base_params is None:
+        if adapter is None or (base_params is None and base_tiles is None):
             raise ValueError("export_peft('sylva', ...) needs adapter=<the run's Adapter> and base_params=<the base "
-                             "model's parameters> (the SHiRA values are W_tuned - W_base on the tiles)")
-        return save_peft_shira(out_dir, adapter, params, base_params, base_name_or_path=base_name_or_path)
+                             "model's parameters> or base_tiles=adapter.tiles(base_params) (the SHiRA values are "
+                             "W_tuned - W_base on the tiles)")
+        return save_peft_shira(out_dir, adapter, params, base_params, base_tiles=base_tiles,
+                               base_name_or_path=base_name_or_path)
     if method == "lora":
         if lora is None:
             raise ValueError("export_peft('lora', ...) needs lora=<the run's LoraParams> (TrainState.extras)")
@@ -80,7 +85,8 @@ def export_merged(out_dir: str | os.PathLike, method: str, model, params: Any, e
                   tokenizer=None) -> Path:
     """Write the fine-tuned model of ``method`` as a Hugging Face checkpoint directory.
 
-    ``model``: the :class:`sylva_jax.LlamaForCausalLM` (its structure and config);
+    ``model``: the :class:`sylva_jax.LlamaForCausalLM` or its graphdef (structure and
+    config);
     ``params``: the run's parameters; ``extras``: ``LoraParams`` for lora (merged in as
     ``W + (alpha / r) B A``); ``tokenizer``: saved beside the weights when given.
     """

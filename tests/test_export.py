@@ -240,6 +240,23 @@ def test_adapter_of_another_base_model_is_refused(tmp_path):
         load_peft_shira(tmp_path / "shira", tuned)
 
 
+def test_what_the_experiment_keeps_is_enough(tmp_path):
+    """After training the experiment holds the tuned parameters, the graphdef and (taken
+    before training) the base tiles: they write the same files as the full base model."""
+    model = init_model(_config("float32"), seed=0)
+    graphdef, params = split(model)
+    adapter, tuned = _sylva_run(params)
+    a = export_peft(tmp_path / "a", "sylva", tuned, adapter=adapter, base_params=params)
+    b = export_peft(tmp_path / "b", "sylva", tuned, adapter=adapter, base_tiles=adapter.tiles(params))
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        assert (a / name).read_bytes() == (b / name).read_bytes()
+    with pytest.raises(ValueError, match="base_tiles"):
+        export_peft(tmp_path / "c", "sylva", tuned, adapter=adapter)
+    m1 = export_merged(tmp_path / "m1", "sylva", model, tuned)
+    m2 = export_merged(tmp_path / "m2", "sylva", graphdef, tuned)
+    assert (m1 / "model.safetensors").read_bytes() == (m2 / "model.safetensors").read_bytes()
+
+
 def test_target_modules_leaf_names_only_when_every_layer_is_covered():
     params = split(init_model(_config("float32"), seed=0))[1]
     every = init_lora(params, scope="self_attn", rank=2).factors
@@ -294,3 +311,27 @@ def test_export_directories_are_atomic(tmp_path, monkeypatch):
     with pytest.raises(FileExistsError, match="not an export"):
         save_peft_lora(tmp_path / "mine", lora, params)
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+
+
+def test_smollm2_sylva_adapter_loads_in_peft(smollm2, tmp_path):
+    """The real model at the default run's shape: 5% of the attention tiles (block 64)
+    moved by N(0, 0.02), exported as SHiRA, applied by PEFT to transformers' SmolLM2 (our
+    HF export of the same weights; transformers' own GGUF reader gives the same base to
+    8e-5, but takes ~50 s to dequantise)."""
+    model, _ = smollm2
+    params = split(model)[1]
+    rng = np.random.default_rng(0)
+    masks = {p: rng.random((w.shape[0] // 64, w.shape[1] // 64)) < 0.05
+             for p, w in tree.flatten(params).items() if "self_attn" in p}
+    adapter = make_adapter(params, masks, block_size=64)
+    key = jax.random.PRNGKey(0)
+    tuned = adapter.apply_updates(params, {p: 0.02 * jax.random.normal(jax.random.fold_in(key, i), (r.shape[0], 64, 64))
+                                           for i, (p, (r, _)) in enumerate(adapter.coords.items())})
+    out = export_peft(tmp_path / "peft_adapter", "sylva", tuned, adapter=adapter, base_params=params)
+    base = _hf(save_pretrained(model, tmp_path / "base"), "float32")
+    got = _torch_logits(peft.PeftModel.from_pretrained(base, str(out)).eval())
+    ours = _ours(model, tuned)
+    # float32 through 30 layers on logits of magnitude ~30: the base models agree to
+    # ~1e-4 (test_loading); 2e-3 bounds it, against a fine-tuning effect > 0.5
+    assert np.abs(ours - _ours(model, params)).max() > 0.5
+    assert np.abs(got - ours).max() < 2e-3, np.abs(got - ours).max()

@@ -52,17 +52,22 @@ def merged_params(method: str, params: Any, extras: Any = None) -> Any:
 
 def save_merged(out_dir: str | os.PathLike, model, params: Any | None = None, tokenizer=None) -> Path:
     """Write a Hugging Face checkpoint (``config.json``, ``model.safetensors``, tokenizer)
-    of ``model`` (a :class:`sylva_jax.LlamaForCausalLM`) with ``params`` (a nested dict as
-    :func:`sylva_jax.models.llama.split` returns; default: the model's own), atomically.
-    Weights keep their dtype."""
+    of our LLaMA, atomically. ``model``: a :class:`sylva_jax.LlamaForCausalLM`, or its
+    graphdef (:func:`sylva_jax.models.llama.split`) when ``params`` is given; ``params``:
+    the nested dict of arrays to write (default: the model's own). Weights keep their
+    dtype."""
+    from flax import nnx
+
     from sylva_jax.models.llama import LlamaForCausalLM, merge, split
     from sylva_jax.models.loading import save_pretrained
 
-    if not isinstance(model, LlamaForCausalLM):
-        raise TypeError(f"save_merged writes our LLaMA (LlamaForCausalLM); got {type(model).__name__}. For any "
-                        "other JAX model, write merged_params(...) with your own checkpoint writer")
     if params is not None:
-        model = merge(split(model)[0], params)
+        graphdef = model if isinstance(model, nnx.GraphDef) else split(model)[0]
+        model = merge(graphdef, params)
+    if not isinstance(model, LlamaForCausalLM):
+        raise TypeError(f"save_merged writes our LLaMA (a LlamaForCausalLM, or its graphdef with params); got "
+                        f"{type(model).__name__}. For any other JAX model, write merged_params(...) with your own "
+                        "checkpoint writer")
     with _files.atomic_dir(out_dir) as tmp:
         save_pretrained(model, tmp, tokenizer)
     return Path(out_dir)

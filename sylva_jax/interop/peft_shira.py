@@ -99,8 +99,9 @@ def shira_tensors(adapter, params: Any, base_params: Any) -> tuple[int, dict[str
     return r, out
 
 
-def save_peft_shira(out_dir: str | os.PathLike, adapter, params: Any, base_params: Any, *,
-                    base_name_or_path: str | None = None, base_fingerprint: str | None = None) -> Path:
+def save_peft_shira(out_dir: str | os.PathLike, adapter, params: Any, base_params: Any = None, *,
+                    base_tiles: Any = None, base_name_or_path: str | None = None,
+                    base_fingerprint: str | None = None) -> Path:
     """Write the trained tiles of ``params`` as a PEFT SHiRA adapter directory.
 
     Args:
@@ -109,6 +110,9 @@ def save_peft_shira(out_dir: str | os.PathLike, adapter, params: Any, base_param
       params: the fine-tuned parameters (tiles trained in place).
       base_params: the base model's parameters (the deltas are ``params - base_params``
         on the tiles; its :func:`sylva_jax.checkpoint.fingerprint` is stored).
+      base_tiles: instead of ``base_params``, the base model's tiles
+        (``adapter.tiles(base_params)`` taken before training, a few MB): the base is then
+        ``adapter.unmerge(params, base_tiles)``.
       base_name_or_path: ``base_model_name_or_path`` in the config.
       base_fingerprint: precomputed fingerprint of ``base_params``.
     Raises ``ValueError`` when the tiles do not fit SHiRA's one rank (:func:`shira_rank`).
@@ -117,6 +121,11 @@ def save_peft_shira(out_dir: str | os.PathLike, adapter, params: Any, base_param
 
     if not adapter.coords:
         raise ValueError("the adapter has no tiles; nothing to export")
+    if (base_params is None) == (base_tiles is None):
+        raise ValueError("save_peft_shira needs exactly one of base_params (the base model's parameters) or "
+                         "base_tiles (adapter.tiles(base_params), taken before training)")
+    if base_params is None:
+        base_params = adapter.unmerge(params, base_tiles)
     r, tensors = shira_tensors(adapter, params, base_params)
     config = {
         **_files.base_config(base_name_or_path),
