@@ -25,11 +25,13 @@ from typing import Any
 
 from sylva_jax.interop.merged import MERGES, merged_params, save_merged
 from sylva_jax.interop.peft_lora import load_peft_lora, lora_target_modules, save_peft_lora
-from sylva_jax.interop.peft_shira import load_peft_shira, save_peft_shira, shira_rank
+from sylva_jax.interop.peft_shira import ShiraBudgetError, load_peft_shira, save_peft_shira, shira_rank
 
 __all__ = [
     "export_peft",
     "export_merged",
+    "export_run",
+    "ShiraBudgetError",
     "save_peft_shira",
     "load_peft_shira",
     "shira_rank",
@@ -91,3 +93,34 @@ def export_merged(out_dir: str | os.PathLike, method: str, model, params: Any, e
     ``W + (alpha / r) B A``); ``tokenizer``: saved beside the weights when given.
     """
     return save_merged(out_dir, model, merged_params(method, params, extras), tokenizer)
+
+
+def export_run(out_dir: str | os.PathLike, method: str, model, params: Any, *, extras: Any = None,
+               adapter=None, base_tiles: Any = None, base_params: Any = None, tokenizer=None,
+               base_name_or_path: str | None = None, lora_dropout: float = 0.0, peft: bool = True,
+               merged: bool = True, log=print) -> dict[str, Path | None]:
+    """A finished run's exports: ``out_dir/peft_adapter`` (sylva, lora) and
+    ``out_dir/merged`` (every method), each optional (``peft``, ``merged``).
+
+    Arguments as :func:`export_peft` and :func:`export_merged` (``extras`` is the lora
+    run's ``LoraParams``; ``model`` our LLaMA or its graphdef). A Sylva adapter that does
+    not fit SHiRA (:class:`ShiraBudgetError`) does not fail the run when the merged
+    checkpoint is written: it is reported through ``log`` and ``peft_adapter`` is
+    ``None``. Returns ``{"peft_adapter": path or None, "merged": path or None}``.
+    """
+    out = Path(out_dir)
+    paths: dict[str, Path | None] = {"peft_adapter": None, "merged": None}
+    if merged:
+        paths["merged"] = export_merged(out / "merged", method, model, params, extras, tokenizer=tokenizer)
+        log(f"merged Hugging Face checkpoint written to {paths['merged']}")
+    if peft and method in ("sylva", "lora"):
+        try:
+            paths["peft_adapter"] = export_peft(out / "peft_adapter", method, params, adapter=adapter, lora=extras,
+                                                base_params=base_params, base_tiles=base_tiles,
+                                                base_name_or_path=base_name_or_path, lora_dropout=lora_dropout)
+            log(f"PEFT adapter written to {paths['peft_adapter']}")
+        except ShiraBudgetError as e:
+            if not merged:
+                raise
+            log(f"no PEFT adapter: {e}")
+    return paths

@@ -18,8 +18,9 @@ import pytest
 
 from sylva_jax import tree
 from sylva_jax.adapter import make_adapter
-from sylva_jax.export import (export_merged, export_peft, load_peft_lora, load_peft_shira, lora_target_modules,
-                              merged_params, save_peft_lora, save_peft_shira, shira_rank)
+from sylva_jax.export import (ShiraBudgetError, export_merged, export_peft, export_run, load_peft_lora,
+                              load_peft_shira, lora_target_modules, merged_params, save_peft_lora,
+                              save_peft_shira, shira_rank)
 from sylva_jax.lora import LoraParams, init_lora, lora_linear_fn
 from sylva_jax.models.llama import LlamaConfig, apply, init_model, merge, split
 from sylva_jax.models.loading import save_pretrained
@@ -215,9 +216,16 @@ def test_shira_budget_that_does_not_fit_is_a_clear_error(tmp_path):
     masks = {"model.layers.0.self_attn.q_proj.weight": np.ones((4, 4), bool),  # 4096 entries: r = 32
              "model.layers.0.self_attn.k_proj.weight": np.eye(2, 4, dtype=bool)}  # [32, 64]: 32 * 96 > 2048
     adapter = make_adapter(params, masks, block_size=BS)
-    with pytest.raises(ValueError, match=r"k_proj.*export_merged"):
+    with pytest.raises(ShiraBudgetError, match=r"k_proj.*export_merged"):
         save_peft_shira(tmp_path / "a", adapter, params, params)
     assert not (tmp_path / "a").exists()
+    # a finished run keeps its merged checkpoint and says why there is no adapter
+    said = []
+    paths = export_run(tmp_path / "run", "sylva", model, params, adapter=adapter, base_params=params, log=said.append)
+    assert paths["peft_adapter"] is None and (paths["merged"] / "model.safetensors").is_file()
+    assert any("no PEFT adapter" in m and "k_proj" in m for m in said)
+    with pytest.raises(ShiraBudgetError):
+        export_run(tmp_path / "run2", "sylva", model, params, adapter=adapter, base_params=params, merged=False)
     # without the dense weight, q_proj's full tile set fits (r * 128 = 4096 = 64 * 64)
     ok = make_adapter(params, {k: v for k, v in masks.items() if "q_proj" in k}, block_size=BS)
     assert shira_rank(ok) == 32
@@ -240,6 +248,16 @@ def test_adapter_of_another_base_model_is_refused(tmp_path):
         load_peft_shira(tmp_path / "shira", tuned)
 
 
+def _contents(file):
+    """``(metadata, {key: (dtype, shape, bytes)})`` of a safetensors file: what it holds,
+    whatever the order of its header (metadata is a hash map in safetensors)."""
+    from safetensors import safe_open
+
+    with safe_open(str(file), "np") as f:
+        return f.metadata(), {k: (str(f.get_tensor(k).dtype), f.get_tensor(k).shape, f.get_tensor(k).tobytes())
+                              for k in f.keys()}
+
+
 def test_what_the_experiment_keeps_is_enough(tmp_path):
     """After training the experiment holds the tuned parameters, the graphdef and (taken
     before training) the base tiles: they write the same files as the full base model."""
@@ -248,13 +266,26 @@ def test_what_the_experiment_keeps_is_enough(tmp_path):
     adapter, tuned = _sylva_run(params)
     a = export_peft(tmp_path / "a", "sylva", tuned, adapter=adapter, base_params=params)
     b = export_peft(tmp_path / "b", "sylva", tuned, adapter=adapter, base_tiles=adapter.tiles(params))
-    for name in ("adapter_config.json", "adapter_model.safetensors"):
-        assert (a / name).read_bytes() == (b / name).read_bytes()
+    assert (a / "adapter_config.json").read_text() == (b / "adapter_config.json").read_text()
+    assert _contents(a / "adapter_model.safetensors") == _contents(b / "adapter_model.safetensors")
     with pytest.raises(ValueError, match="base_tiles"):
         export_peft(tmp_path / "c", "sylva", tuned, adapter=adapter)
     m1 = export_merged(tmp_path / "m1", "sylva", model, tuned)
     m2 = export_merged(tmp_path / "m2", "sylva", graphdef, tuned)
-    assert (m1 / "model.safetensors").read_bytes() == (m2 / "model.safetensors").read_bytes()
+    assert _contents(m1 / "model.safetensors") == _contents(m2 / "model.safetensors")
+
+
+def test_export_run_writes_both_directories_per_method(tmp_path):
+    model = init_model(_config("float32"), seed=0)
+    graphdef, params = split(model)
+    lora = _lora_run(params, "float32")
+    paths = export_run(tmp_path / "lora", "lora", graphdef, params, extras=lora, lora_dropout=0.05, log=lambda m: None)
+    assert json.loads((paths["peft_adapter"] / "adapter_config.json").read_text())["lora_dropout"] == 0.05
+    assert (paths["merged"] / "config.json").is_file()
+    paths = export_run(tmp_path / "full", "full", graphdef, params, log=lambda m: None)
+    assert paths["peft_adapter"] is None and (paths["merged"] / "model.safetensors").is_file()
+    paths = export_run(tmp_path / "peft_only", "lora", graphdef, params, extras=lora, merged=False, log=lambda m: None)
+    assert paths["merged"] is None and sorted(p.name for p in (tmp_path / "peft_only").iterdir()) == ["peft_adapter"]
 
 
 def test_target_modules_leaf_names_only_when_every_layer_is_covered():
