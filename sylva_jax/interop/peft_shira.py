@@ -53,7 +53,7 @@ def shira_rank(adapter) -> int:
 
     With the same tile density ``f`` in every weight (Sylva's per-layer top-k) this is
     ``r ~ f * max(in * out / (in + out))`` against the smallest ``in * out / (in + out)``:
-    on SmolLM2's attention any sparsity >= 0.5 fits (the default 0.95 gives ``r = 15``)."""
+    on SmolLM2's attention a sparsity above about 0.5 fits (the default 0.95 gives ``r = 15``)."""
     bs2 = adapter.block_size ** 2
     r = 1
     for path, (rows, _) in adapter.coords.items():
