@@ -63,3 +63,4 @@ def __getattr__(name: str):
 
 def __dir__():
     return __all__
+_EXPORTS.update(dict.fromkeys(("export_peft", "export_merged", "load_peft_lora", "load_peft_shira"), "sylva_jax.export")); __all__ = sorted(_EXPORTS) + ["capture", "__version__"]  # noqa: E702,E501
