@@ -9,12 +9,17 @@ any of them compiles anew; the cache is never wrong, only cold.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
+from typing import Iterator
 
 import jax
 
-__all__ = ["default_dir", "enable", "disable"]
+__all__ = ["default_dir", "enable", "disable", "enabled"]
+
+_OPTIONS = ("jax_compilation_cache_dir", "jax_enable_compilation_cache",
+            "jax_persistent_cache_min_compile_time_secs", "jax_persistent_cache_min_entry_size_bytes")
 
 
 def default_dir() -> Path:
@@ -41,3 +46,14 @@ def enable(cache_dir: str | os.PathLike | None = None) -> Path:
 
 def disable() -> None:
     jax.config.update("jax_enable_compilation_cache", False)
+
+
+@contextlib.contextmanager
+def enabled(cache_dir: str | os.PathLike | None = None) -> Iterator[Path]:
+    """:func:`enable` for the ``with`` block; jax's previous cache settings come back after."""
+    before = {k: jax.config.values[k] for k in _OPTIONS}
+    try:
+        yield enable(cache_dir)
+    finally:
+        for k, v in before.items():
+            jax.config.update(k, v)

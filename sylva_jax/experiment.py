@@ -14,7 +14,10 @@ are one typed config (:class:`sylva_jax.experiment_config.ExperimentConfig`; pre
 6. export the adapter of the best checkpoint;
 7. write ``summary.json``, ``metrics.jsonl``, a plot, the masks and checkpoints.
 
-Run behaviour: ``--resume`` continues a stopped run exactly (same data order, same RNG);
+Run behaviour: one process writes a run directory (a lock; a second launch is refused);
+relaunching the same command continues an unfinished run from its last checkpoint, or
+starts it afresh when it has none (``--resume auto``, the default); ``--resume`` alone
+insists on continuing; a resumed run is exact (same data order, same RNG);
 a NaN/inf loss stops the run naming the step (the last good checkpoint stays); Ctrl-C
 saves a checkpoint and exits cleanly; a finished run's directory is never overwritten
 unless ``--overwrite`` is given.
@@ -51,6 +54,13 @@ def main(argv: list[str] | None = None) -> int:
     except ExperimentError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:  # a checkpoint that could not be written (a full disk, ...)
+        from sylva_jax.checkpoint import CheckpointWriteError
+
+        if not isinstance(e, CheckpointWriteError):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     status = summary.get("status")
     if status == "interrupted":
         return 130  # the shell's code for Ctrl-C; the run is resumable

@@ -26,6 +26,7 @@ __all__ = ["ExperimentError", "ExperimentConfig", "BASE", "PRESETS", "DEFAULT_MO
 DEFAULT_MODEL = "smollm2-135m"
 SCHEDULERS = ("linear", "cosine", "constant")
 TRAIN_METHODS = ("sylva", "lora", "full")
+RESUME_MODES = ("auto", "require", "never")
 
 
 class ExperimentError(Exception):
@@ -171,8 +172,19 @@ class ExperimentConfig:
     preset: str | None = setting(
         None, "settings bundle: paper (LLaMA-7B as published), default (SmolLM2 on CPU), smoke (seconds, "
               "for tests)", choices=_preset_names)
-    resume: bool = setting(False, "continue the run in --output_dir from its last checkpoint")
+    resume: str = setting(
+        "auto", "what to do with an unfinished run in --output_dir: auto (default: continue from its "
+                "last checkpoint, or start it afresh when it has none), require (plain --resume: continue, "
+                "or fail), never (refuse it)", choices=RESUME_MODES, flag={"nargs": "?", "const": "require"})
     overwrite: bool = setting(False, "allow replacing a finished run in --output_dir")
+    compile_cache_dir: str | None = setting(
+        None, "JAX persistent compilation cache (default $SYLVA_JAX_CACHE, else ~/.cache/sylva_jax/jax): "
+              "relaunches and repeated runs load compiled programs instead of compiling them")
+    no_compile_cache: bool = setting(False, "do not use the persistent compilation cache")
+
+    def __post_init__(self):
+        if isinstance(self.resume, bool):  # Python callers and args.json of earlier versions
+            object.__setattr__(self, "resume", "require" if self.resume else "never")
 
     def to_dict(self) -> dict[str, Any]:
         """``{field: value}`` in field order (what ``args.json`` holds)."""
@@ -265,7 +277,7 @@ def _flag_type(annotation: Any) -> type:
 def build_parser() -> argparse.ArgumentParser:
     """``--NAME`` for every field of :class:`ExperimentConfig`. A value flag not given parses
     as ``None`` (keep the preset's value); ``--preset`` defaults to ``default``;
-    ``--resume`` and ``--overwrite`` are switches."""
+    ``--resume`` takes an optional mode (alone: ``require``) and ``--overwrite`` is a switch."""
     p = argparse.ArgumentParser(
         prog="oasst_mmlu.py",
         description="Sylva fine-tuning on OASST1 (guanaco) scored by 5-shot MMLU. "
@@ -279,6 +291,10 @@ def build_parser() -> argparse.ArgumentParser:
         if kind is bool:
             p.add_argument(f"--{name}", action="store_true", help=f.metadata["help"], **f.metadata["flag"])
             continue
+        if name in _RUN_FIELDS:  # a mode of the launch, not a preset value
+            p.add_argument(f"--{name}", type=kind, default=f.default, choices=choices_of(f),
+                           help=f.metadata["help"], **f.metadata["flag"])
+            continue
         p.add_argument(f"--{name}", type=kind, default=None, choices=choices_of(f),
                        help=f.metadata["help"] + " (preset value if not given)", **f.metadata["flag"])
     return p
@@ -289,5 +305,5 @@ def resolve_config(args: argparse.Namespace) -> ExperimentConfig:
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(ExperimentConfig)
              if f.name not in _RUN_FIELDS and getattr(args, f.name) is not None}
     cfg = dataclasses.replace(PRESETS[args.preset], **given, preset=args.preset,
-                              resume=bool(args.resume), overwrite=bool(args.overwrite))
+                              resume=args.resume, overwrite=bool(args.overwrite))
     return check_config(cfg)

@@ -30,6 +30,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from sylva_jax import checkpoint as ckpt_lib
+from sylva_jax import compile_cache
 from sylva_jax.adapter import make_adapter
 from sylva_jax.importance import compute_masks
 from sylva_jax import masks as masks_lib
@@ -43,6 +44,7 @@ from sylva_jax.experiment_train import (Devices, Loop, Outcome, SampleStream, bu
                                         make_evaluator, start, train)
 from sylva_jax.models import llama
 from sylva_jax.models.loading import load_pretrained
+from sylva_jax.runlock import RunLock, RunLockError
 from sylva_jax.run_log import LOG_PREFIX, log, plot_curves, set_process_tag, stage
 from sylva_jax.train import make_train_step
 
@@ -100,22 +102,41 @@ def _devices(cfg: ExperimentConfig, primary: bool) -> tuple[Devices, dict]:
     return Devices(mesh=mesh, ways=ways, primary=primary), facts
 
 
-def open_run(cfg: ExperimentConfig) -> tuple[rd.RunDir, Devices, dict]:
-    """Join the job, check and prepare the run directory, record the settings, build the
-    mesh: ``(run, devices, summary fields)``."""
+def _lock(run: rd.RunDir, primary: bool, stack: contextlib.ExitStack) -> None:
+    """Take the run directory's lock (process 0 of a job) for the rest of the run."""
+    try:
+        lock = stack.enter_context(RunLock(run.root, enabled=primary))
+    except RunLockError as e:
+        raise ExperimentError(str(e)) from None
+    if lock.took_over:
+        log(f"took over the lock of {run.root} left by a process that died "
+            f"(pid {lock.took_over.get('pid')} on {lock.took_over.get('host')})")
+
+
+def open_run(cfg: ExperimentConfig, stack: contextlib.ExitStack
+             ) -> tuple[ExperimentConfig, rd.RunDir, Devices, dict]:
+    """Join the job, lock, check and prepare the run directory, record the settings, build
+    the mesh: ``(cfg, run, devices, summary fields)``, ``cfg.resume`` being ``require`` when
+    this launch continues a run and ``never`` when it starts one."""
     primary = _start_distributed(cfg)
     run = rd.RunDir(Path(cfg.output_dir))
-    rd.prepare(run, resume=cfg.resume, overwrite=cfg.overwrite, primary=primary, barrier=_barrier)
+    rd.check_output_path(run)
+    _lock(run, primary, stack)
+    action = rd.prepare(run, resume=cfg.resume, overwrite=cfg.overwrite, primary=primary,
+                        barrier=_barrier)
     settings = cfg.to_dict()
-    if cfg.resume:
+    if action == "resume":
         rd.check_resume_settings(run, settings)
     if primary:
+        if action in ("resume", "restart"):
+            rd.record_restart(run, action)
         rd.write_json(run.args, settings)
+    cfg = dataclasses.replace(cfg, resume="require" if action == "resume" else "never")
     log("settings: " + ", ".join(f"{k}={settings[k]}" for k in sorted(settings)))
     log(f"jax {jax.__version__} on {jax.devices()[0].platform} ({len(jax.devices())} device(s), "
         f"{jax.process_count()} process(es))")
     devices, facts = _devices(cfg, primary)
-    return run, devices, facts
+    return cfg, run, devices, facts
 
 
 # ----------------------------------------------------------------------------- 2. inputs
@@ -379,6 +400,7 @@ def export(cfg: ExperimentConfig, run: rd.RunDir, devices: Devices, built: Built
 
 
 def _close(cfg: ExperimentConfig, run: rd.RunDir, devices: Devices, summary: dict) -> None:
+    summary["restarts"] = rd.read_jsonl(run.restarts)  # one record per relaunch of this run
     if devices.primary:
         rd.write_json(run.summary, summary)
         plot_curves(run.plot, rd.read_jsonl(run.metrics), rd.read_jsonl(run.evals),
@@ -392,9 +414,16 @@ def _close(cfg: ExperimentConfig, run: rd.RunDir, devices: Devices, summary: dic
 
 def execute(cfg: ExperimentConfig) -> dict[str, Any]:
     """Run every stage for the checked ``cfg``; the summary (also ``summary.json``)."""
+    with contextlib.ExitStack() as stack:
+        if not cfg.no_compile_cache:
+            stack.enter_context(compile_cache.enabled(cfg.compile_cache_dir))
+        return _execute(cfg, stack)
+
+
+def _execute(cfg: ExperimentConfig, stack: contextlib.ExitStack) -> dict[str, Any]:
     t_start = time.perf_counter()
     times: dict[str, float] = {}
-    run, devices, summary = open_run(cfg)
+    cfg, run, devices, summary = open_run(cfg, stack)
     global_batch = summary["mesh"]["global_batch"]
     built, tok, examples, questions, facts = _prepare(cfg, run, devices, global_batch, times)
     summary.update(facts)
@@ -404,7 +433,7 @@ def execute(cfg: ExperimentConfig) -> dict[str, Any]:
     loop = Loop(cfg=cfg, run=run, devices=devices, step=built.step, evaluate=evaluate, ckpts=ckpts,
                 examples=examples, pad_id=pad_id_of(tok), total_steps=built.total_steps,
                 global_batch=global_batch, t_start=t_start)
-    with contextlib.nullcontext() if cfg.resume else stage("evaluate_before", times):
+    with contextlib.nullcontext() if cfg.resume == "require" else stage("evaluate_before", times):
         state, best, facts = start(loop, built.state)
     summary.update(facts)
     built = dataclasses.replace(built, state=None)  # the loop's state replaces (and donates) it

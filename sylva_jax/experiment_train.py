@@ -184,7 +184,7 @@ def start(loop: Loop, state) -> tuple[Any, dict, dict]:
     ``--resume`` (JSONL records past it dropped), else ``state`` after the MMLU evaluation
     before training. ``facts`` are summary fields (``mmlu_before``, ...)."""
     best = {"score": -1.0, "step": None}
-    if loop.cfg.resume:
+    if loop.cfg.resume == "require":
         restored = loop.ckpts.restore_latest(state)
         if restored is None:
             raise ExperimentError(f"--resume: no usable checkpoint in {loop.run.checkpoints}")

@@ -10,6 +10,13 @@ import os
 # jax is imported (jax reads it once); an explicit setting in the environment wins.
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 
+# the experiment's persistent compilation cache: a fresh directory per test session (and its
+# subprocesses), never the user's ~/.cache
+if "SYLVA_JAX_CACHE" not in os.environ:
+    import tempfile
+
+    os.environ["SYLVA_JAX_CACHE"] = tempfile.mkdtemp(prefix="sylva-jax-test-cache-")
+
 import pytest  # noqa: E402
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -41,3 +41,14 @@ def test_default_dir_follows_environment(tmp_path, monkeypatch):
     monkeypatch.delenv("SYLVA_JAX_CACHE")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     assert compile_cache.default_dir() == tmp_path / "sylva_jax" / "jax"
+
+
+def test_enabled_restores_the_previous_settings(tmp_path):
+    import jax
+    from sylva_jax import compile_cache
+    before = jax.config.values["jax_compilation_cache_dir"], jax.config.values["jax_enable_compilation_cache"]
+    with compile_cache.enabled(tmp_path / "c") as path:
+        assert jax.config.values["jax_compilation_cache_dir"] == str(path) == str(tmp_path / "c")
+        assert jax.config.values["jax_enable_compilation_cache"] is True
+    after = jax.config.values["jax_compilation_cache_dir"], jax.config.values["jax_enable_compilation_cache"]
+    assert after == before

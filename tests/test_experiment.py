@@ -238,8 +238,11 @@ def test_generated_parser_has_a_flag_for_every_field_and_parses_its_type():
         allowed = dests[f.name].choices
         if allowed is not None:
             value = [c for c in allowed if c != base][0]
-        elif isinstance(base, bool):
-            raise AssertionError(f"{f.name}: a bool field other than the switches")
+        elif isinstance(base, bool):  # a switch: off unless given
+            assert base is False, f.name
+            cfg = resolve_config(parser.parse_args(["--output_dir", "/tmp/x", f"--{f.name}"]))
+            assert getattr(cfg, f.name) is True, f.name
+            continue
         elif dests[f.name].type is int:
             value = 3
         elif dests[f.name].type is float:
@@ -251,7 +254,9 @@ def test_generated_parser_has_a_flag_for_every_field_and_parses_its_type():
         got = getattr(cfg, f.name)
         assert got == value and type(got) is type(value), (f.name, got, value)
     cfg = resolve_config(parser.parse_args(["--resume", "--overwrite", "--preset", "smoke"]))
-    assert cfg.resume is True and cfg.overwrite is True and cfg.preset == "smoke"
+    assert cfg.resume == "require" and cfg.overwrite is True and cfg.preset == "smoke"
+    assert resolve_config(parser.parse_args(["--output_dir", "/tmp/x"])).resume == "auto"
+    assert resolve_config(parser.parse_args(["--output_dir", "/tmp/x", "--resume", "never"])).resume == "never"
 
 
 def test_mask_method_choices_are_the_scorers_of_importance():
