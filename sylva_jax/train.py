@@ -206,7 +206,8 @@ class TrainStep(NamedTuple):
       update from accumulated gradients.
     zero_grads: ``state -> acc``: the zero accumulator of ``state``'s trainable pytree.
     merge: ``state -> params``: plain weights (``method.merge``).
-    method: the :class:`Method`; optimizer: the optax transformation; accum_steps: ``k``.
+    method: the :class:`Method`; optimizer: the optax transformation; accum_steps: ``k``;
+    schedule: the learning-rate schedule reported as ``lr`` (``None``: not reported).
     """
 
     init: Callable[..., "TrainState"]
@@ -219,6 +220,7 @@ class TrainStep(NamedTuple):
     method: Method
     optimizer: optax.GradientTransformation
     accum_steps: int
+    schedule: optax.Schedule | None = None
 
 
 def _check_step_args(method, optimizer, accum_steps, accum_reduction):
@@ -316,7 +318,7 @@ def make_step(apply_fn: Callable, method: Method, optimizer: optax.GradientTrans
         micro_step=micro_step, apply_gradients=apply_gradients,
         zero_grads=lambda state: zero_accumulator(jax.eval_shape(trainable_of, state)),
         merge=lambda state: method.merge(state.params, state.extras),
-        method=method, optimizer=optimizer, accum_steps=k)
+        method=method, optimizer=optimizer, accum_steps=k, schedule=schedule)
 
 
 # --------------------------------------------------------------------------------------
@@ -536,6 +538,14 @@ def make_train_step(
         optimizer = optax.chain(optax.clip_by_global_norm(float(max_grad_norm)), optimizer)
     core = make_step(apply, spec, optimizer, accum_steps=accum_steps, accum_reduction=accum_reduction,
                      schedule=sched, loss_fn=loss_fn)
+    return _trainer(core, apply, model_params, accum_mode=accum_mode, accum_reduction=accum_reduction,
+                    donate=donate)
+
+
+def _trainer(core: TrainStep, apply: Callable, model_params: Any, *, accum_mode: str,
+             accum_reduction: str, donate: bool) -> Trainer:
+    """The :class:`Trainer` of ``core``: jitted (state donated), batches checked."""
+    k, spec = core.accum_steps, core.method
     jit_step = jax.jit(core.step, donate_argnums=(0,) if donate else ())
     jit_grads = jax.jit(core.grads)
     jit_logits = jax.jit(_logits_fn(apply, spec))
@@ -556,9 +566,9 @@ def make_train_step(
     trainer = Trainer(
         method=spec.name, init=init,
         step=(_loop_step(core, jit_step, donate, accum_reduction) if accum_mode == "loop"
-              else lambda state, batch: jit_step(state, _check_batch(batch, accum_steps))),
+              else lambda state, batch: jit_step(state, _check_batch(batch, k))),
         logits=jit_logits, eval_loss=eval_loss,
-        grads=lambda state, batch: jit_grads(state, _check_batch(batch, accum_steps)),
-        schedule=sched, accum_steps=accum_steps, accum_mode=accum_mode, step_fn=jit_step, core=core,
+        grads=lambda state, batch: jit_grads(state, _check_batch(batch, k)),
+        schedule=core.schedule, accum_steps=k, accum_mode=accum_mode, step_fn=jit_step, core=core,
         merge=core.merge)
     return trainer
