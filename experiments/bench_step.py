@@ -7,7 +7,8 @@ on their values; ``--pretrained`` loads the real model through ``load_pretrained
 
 Arms (all through ``sylva_jax.train.make_train_step``, the state donated):
   floor     forward + backward to the embedding output, no weight gradient, no update
-            (the cheapest step any fine-tuning method can take)
+            (the cheapest step any fine-tuning method can take; :func:`floor`, a
+            ``sylva_jax.methods.Method`` defined here, not a library method)
   sylva     95% sparsity, block 64, random masks (per layer: round(5% of the tiles), >= 1)
   lora      rank chosen so that r * sum(in + out) ~ sylva's trainable count, dropout 0
   lora_do   the same with dropout 0.05 (PEFT's usual setting)
@@ -34,6 +35,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import statistics
 import sys
 import time
@@ -41,14 +43,17 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from flax import nnx  # noqa: E402
 
 from sylva_jax import tree as tree_lib  # noqa: E402
 from sylva_jax.adapter import make_adapter  # noqa: E402
-from sylva_jax.lora import lora_paths  # noqa: E402
+from sylva_jax.lora import lora_paths, rank_for_budget  # noqa: E402
+from sylva_jax.methods import Method  # noqa: E402
 from sylva_jax.models import llama  # noqa: E402
+from sylva_jax.ops import dense_linear  # noqa: E402
 from sylva_jax.train import make_train_step  # noqa: E402
 
 BS = 64
@@ -91,9 +96,29 @@ def random_masks(params, scope, seed=0):
     return masks
 
 
-def lora_rank_for(params, scope, n_trainable):
-    per_rank = sum(sum(tree_lib.flatten(params)[p].shape) for p in lora_paths(params, scope))
-    return max(1, round(n_trainable / per_rank))
+def floor(probe: str = r"(^|\.)layers\.0\.") -> Method:
+    """The cheapest step any fine-tuning method can take: plain frozen linear layers whose
+    inputs (for the layers matching ``probe``; default the first decoder layer, i.e. the
+    backward down to the embedding output) are scaled by ``1 + p`` with one scalar ``p = 0``
+    as the only trainable value, so ``d loss / d p`` needs the backward of every activation
+    down to those inputs and nothing else: no weight gradient and no weight update."""
+    probe_re = re.compile(probe)
+
+    def forward(params, extras, p, rng):
+        def linear_fn(name, x, w, b=None):
+            if probe_re.search(name):
+                x = x * (1.0 + p).astype(x.dtype)
+            return dense_linear(x, jax.lax.stop_gradient(w), None if b is None else jax.lax.stop_gradient(b))
+
+        return params, linear_fn
+
+    return Method(
+        name="floor", init=lambda params, rng: {},
+        trainable=lambda params, extras: jnp.zeros((), jnp.float32),
+        forward=forward, eval_forward=lambda params, extras: (params, None),
+        apply_updates=lambda params, extras, updates: (params, extras),
+        merge=lambda params, extras: params, num_trainable=lambda params, extras: 0,
+        adamw=lambda *args, **kwargs: optax.set_to_zero())
 
 
 def compiled_stats(trainer, state, batch):
@@ -116,10 +141,10 @@ def compiled_stats(trainer, state, batch):
 def make_arms(graphdef, params, scope, arms, accum=1):
     masks = random_masks(params, scope)
     adapter = make_adapter(params, masks, block_size=BS)
-    rank = lora_rank_for(params, scope, adapter.num_trainable)
+    rank = rank_for_budget(params, scope, adapter.num_trainable)
     common = dict(learning_rate=1e-4, schedule="constant", warmup_steps=0, accum_steps=accum)
     spec = {
-        "floor": dict(method="floor"),
+        "floor": dict(method=floor(), **common),
         "sylva": dict(method="sylva", adapter=adapter, **common),
         "lora": dict(method="lora", scope=scope, lora_rank=rank, lora_alpha=2 * rank, **common),
         "lora_do": dict(method="lora", scope=scope, lora_rank=rank, lora_alpha=2 * rank, lora_dropout=0.05,

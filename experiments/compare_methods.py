@@ -23,8 +23,10 @@ sparsities versus LoRA at matching ranks.
 Everything goes through the library: ``load_pretrained``, ``data.instruct``,
 ``data.batching``, ``capture.preprocess`` (ONE calibration pass per scope gives the
 statistics of every mask method: HODLR factors, exact dense factors via ``keep_dense``,
-mean gradients), ``importance.select_blocks`` / ``tile_scores``, ``make_adapter``,
-``train.make_train_step``, ``lora.merge_lora``, ``data.mmlu``.
+mean gradients), ``importance.select_blocks`` / ``tile_scores``, ``make_adapter``, the
+arms as ``sylva_jax.methods`` values through ``train.make_train_step`` (``Trainer.merge`` for
+evaluation), ``lora.rank_for_budget``, ``evaluation`` (bucketed batches, token-mean
+held-out loss, moved-weights check), ``run_cache`` (finished runs), ``data.mmlu``.
 
 Resumable: the JSON is rewritten atomically after every finished arm (and stage); a rerun
 with the same settings skips finished arms, and inside an unfinished arm it loads the
@@ -58,6 +60,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from sylva_jax import atomic  # noqa: E402  (cheap: no jax import)
+from sylva_jax.run_cache import RunCache  # noqa: E402
 
 DEFAULT_DATA = str(REPO.parent / "shared" / "data" / "instruct" / "alpaca_en_demo.json")
 RESULTS = REPO / "experiments" / "results"
@@ -228,6 +231,7 @@ class Study:
         self.cache = Path(cache_dir) if cache_dir else (
             Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sylva_jax" / "compare_methods" / self.fp)
         self.cache.mkdir(parents=True, exist_ok=True)
+        self.runs = RunCache(self.cache / "runs")  # finished runs of unfinished arms
         self._load_model = load_model
         self.ran: list[str] = []  # arm keys trained in this process (tests check resume)
         self._stats: dict[str, Any] = {}
@@ -297,21 +301,17 @@ class Study:
         import jax
         import jax.numpy as jnp
 
-        from sylva_jax.losses import token_nll
+        from sylva_jax import evaluation
         from sylva_jax.models import llama
 
         graphdef = self.graphdef
 
         @jax.jit
-        def sums(params, ids, am, labels):
-            nll, valid = token_nll(llama.apply(graphdef, params, ids, am), labels)
-            return nll.sum(axis=1), valid.sum(axis=1)
-
-        @jax.jit
         def logits(params, ids, am):  # [B, V] at each row's last real token (MMLU's answer)
             return llama.apply(graphdef, params, ids, am, logits_at=jnp.sum(am, axis=-1) - 1)
 
-        self._sums, self._logits, self._jnp = sums, logits, jnp
+        self._sums = evaluation.token_sums(lambda params, ids, am: llama.apply(graphdef, params, ids, am))
+        self._logits, self._jnp = logits, jnp
         self.heldout_ex = self.ex["heldout"][: self.s["heldout_eval"]]
         self.curve_n = min(self.s["curve_n"], len(self.heldout_ex))
         self.eval_sets = {"val": self._eval_batches(self.ex["val"]),
@@ -319,38 +319,18 @@ class Study:
                           "curve": self._eval_batches(self.heldout_ex[: self.curve_n])}
 
     def _eval_batches(self, examples) -> list:
-        """Length-sorted batches padded to buckets 64, 128, ... (few shapes, shared compiles);
-        the last batch is filled with rows without labels (they add nothing)."""
-        from sylva_jax.data.batching import collate
+        """Length-sorted batches padded to buckets 64, 128, ... (few shapes, shared compiles)."""
+        from sylva_jax.evaluation import eval_batches
 
-        b = self.s["eval_batch"]
-        order = sorted(range(len(examples)), key=lambda i: -len(examples[i]["input_ids"]))
-        out = []
-        for j in range(0, len(order), b):
-            idx = order[j:j + b]
-            rows = [examples[i] for i in idx]
-            longest = max(len(r["input_ids"]) for r in rows)
-            T = 64
-            while T < longest:
-                T *= 2
-            T = min(T, max(self.s["max_len"], longest))
-            filler = {"input_ids": rows[0]["input_ids"], "labels": np.full_like(rows[0]["labels"], -100)}
-            rows = rows + [filler] * (b - len(rows))
-            out.append((idx, collate(rows, pad_id=self.pad, pad_to=T)))
-        return out
+        return eval_batches(examples, self.s["eval_batch"], pad_id=self.pad, max_len=self.s["max_len"])
 
     def eval_loss(self, params, which: str) -> dict:
         """Token-mean loss over assistant tokens of an eval set, plus per-example sums."""
+        from sylva_jax.evaluation import heldout_loss
+
         t0 = time.perf_counter()
-        batches = self.eval_sets[which]
-        n = sum(len(idx) for idx, _ in batches)
-        nll, cnt = np.zeros(n), np.zeros(n)
-        for idx, bt in batches:
-            a, c = self._sums(params, bt["input_ids"], bt["attention_mask"], bt["labels"])
-            a, c = np.asarray(a), np.asarray(c)
-            nll[idx], cnt[idx] = a[: len(idx)], c[: len(idx)]
-        return {"loss": float(nll.sum() / max(cnt.sum(), 1.0)), "nll": nll, "count": cnt,
-                "seconds": time.perf_counter() - t0, "n": n}
+        out = heldout_loss(self._sums, params, self.eval_sets[which])
+        return {**out, "seconds": time.perf_counter() - t0}
 
     def curve_loss(self, ev: dict) -> float:
         k = self.curve_n
@@ -462,12 +442,9 @@ class Study:
 
     # ------------------------------------------------------------------ one run
     def lora_rank(self, scope: str, n_trainable: int) -> int:
-        from sylva_jax.lora import lora_paths
-        from sylva_jax import tree as tree_lib
+        from sylva_jax.lora import rank_for_budget
 
-        flat = tree_lib.flatten(self.params)
-        per_rank = sum(sum(flat[p].shape) for p in lora_paths(self.params, scope))
-        return max(1, round(n_trainable / per_rank))
+        return rank_for_budget(self.params, scope, n_trainable)
 
     def tile_count(self, scope: str, sparsity: float) -> int:
         m = self.masks(scope, "magnitude", sparsity, 0)
@@ -478,75 +455,63 @@ class Study:
     # An arm is 5-7 training runs (~3 min each on the 2-core CPU): each finished run is kept
     # in the cache (record + weights), so a study stopped inside an arm resumes at its next
     # run. The files of an arm go when the arm's result is saved.
-    def _run_path(self, key: str, lr: float, seed: int) -> Path:
-        return self.cache / "runs" / f"{_stem(key)}__lr{lr:.6g}__seed{seed}"
+    def _run_name(self, key: str, lr: float, seed: int) -> str:
+        return f"{_stem(key)}__lr{lr:.6g}__seed{seed}"
 
-    def _save_run(self, path: Path, rec: dict, run: dict) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        arrays = {f"t{i}": x for i, x in enumerate(_leaves(run["trainable"]))}
-        for j, (_, tr) in enumerate(run["snaps"]):
-            arrays.update({f"s{j}_{i}": x for i, x in enumerate(_leaves(tr))})
-        atomic_savez(path.with_name(path.name + ".npz"), arrays)
-        # the record is written last: its presence says the weights are complete
-        atomic_write_json(path.with_name(path.name + ".json"), {**rec, "snap_steps": [st for st, _ in run["snaps"]]})
-
-    def _load_run(self, path: Path, treedef, to_params, *, want_val: bool, snapshots: bool):
-        import jax
-
-        js = path.with_name(path.name + ".json")
-        if not js.exists():
+    def _load_run(self, name: str, treedef, to_params, *, want_val: bool, snapshots: bool):
+        got = self.runs.record(name)
+        if got is None:
             return None
-        rec = json.loads(js.read_text())
-        steps = rec.pop("snap_steps")
+        rec, steps = got
         if (want_val and "val_loss" not in rec) or (snapshots and not steps and self.curve_steps()):
             return None
-        with np.load(path.with_name(path.name + ".npz")) as z:
-            n = treedef.num_leaves
-            trainable = jax.tree.unflatten(treedef, [z[f"t{i}"] for i in range(n)])
-            snaps = [(st, jax.tree.unflatten(treedef, [z[f"s{j}_{i}"] for i in range(n)]))
-                     for j, st in enumerate(steps)] if snapshots else []
-        return rec, {"trainable": trainable, "snaps": snaps, "to_params": to_params, "store": path}
+        rec, trainable, snaps = self.runs.load(name, treedef, snapshots=snapshots)
+        return rec, {"trainable": trainable, "snaps": snaps, "to_params": to_params, "store": name}
 
-    def _drop_runs(self, key: str) -> None:
-        for f in (self.cache / "runs").glob(f"{_stem(key)}__lr*"):
-            f.unlink()
+    def arm_method(self, scope: str, arm: str, sparsity: float, mask_seed: int, lora_rank: int | None):
+        """``(method, adapter)``: the arm as a ``sylva_jax.methods.Method`` value (tile arms:
+        Sylva on the arm's mask; LoRA with alpha = 2 rank; full), and its adapter (tiles only)."""
+        from sylva_jax import methods
+
+        fam = family_of(arm)
+        if fam == "tiles":
+            from sylva_jax.adapter import make_adapter
+
+            ad = make_adapter(self.params, self.masks(scope, arm, sparsity, mask_seed), block_size=self.s["block_size"])
+            return methods.sylva(ad), ad
+        if fam == "lora":
+            return methods.lora(scope=scope, rank=lora_rank, alpha=2.0 * lora_rank,
+                                dropout=self.s["lora_dropout"]), None
+        return methods.full(), None
 
     def run_template(self, fam: str, scope: str, arm: str, sparsity: float, mask_seed: int,
                      lora_rank: int | None):
         """The tree structure of a run's trainable weights, and its adapter (tiles only)."""
         import jax
 
-        if fam == "tiles":
-            from sylva_jax.adapter import make_adapter
-
-            ad = make_adapter(self.params, self.masks(scope, arm, sparsity, mask_seed), block_size=self.s["block_size"])
-            return jax.tree.structure(ad.tiles(self.params)), ad
-        if fam == "lora":
-            from sylva_jax.lora import init_lora
-
-            tmpl = init_lora(self.params, scope=scope, rank=lora_rank, alpha=2.0 * lora_rank)
-            return jax.tree.structure(tmpl), None
-        return jax.tree.structure(self.params), None
+        method, ad = self.arm_method(scope, arm, sparsity, mask_seed, lora_rank)
+        extras = method.init(self.params, jax.random.PRNGKey(0))
+        return jax.tree.structure(method.trainable(self.params, extras)), ad
 
     def train_run(self, scope: str, arm: str, lr: float, seed: int, *, sparsity: float,
                   want_val: bool, snapshots: bool = False, trainers: dict | None = None) -> tuple[dict, dict]:
         """One run, from the run cache if an earlier process finished it, else trained
         (:meth:`_train_run`) and stored."""
         fam = family_of(arm)
-        path = self._run_path(self.arm_key(scope, arm, sparsity), lr, seed)
-        if path.with_name(path.name + ".json").exists():
+        name = self._run_name(self.arm_key(scope, arm, sparsity), lr, seed)
+        if self.runs.record(name) is not None:
             mask_seed = mask_seed_of(arm, seed)
             rank = self.lora_rank(scope, self.tile_count(scope, sparsity)) if fam == "lora" else None
             treedef, adapter = self.run_template(fam, scope, arm, sparsity, mask_seed, rank)
-            got = self._load_run(path, treedef, lambda tr: self._params_from(fam, adapter, tr),
+            got = self._load_run(name, treedef, lambda tr: self._params_from(fam, adapter, tr),
                                  want_val=want_val, snapshots=snapshots)
             if got is not None:
                 log(f"  {self.arm_key(scope, arm, sparsity)} lr {lr:.3g} seed {seed}: finished earlier, loaded")
                 return got
         rec, run = self._train_run(scope, arm, lr, seed, sparsity=sparsity, want_val=want_val,
                                    snapshots=snapshots, trainers=trainers)
-        self._save_run(path, rec, run)
-        run["store"] = path
+        self.runs.save(name, rec, run["trainable"], run["snaps"])
+        run["store"] = name
         return rec, run
 
     def _train_run(self, scope: str, arm: str, lr: float, seed: int, *, sparsity: float,
@@ -574,21 +539,9 @@ class Study:
         cached = trainers.get(tkey) if trainers is not None else None
         rec["reused_compiled_step"] = cached is not None
         if cached is None:
-            kw: dict[str, Any] = dict(learning_rate=lr, schedule="linear", warmup_steps=warm, total_steps=steps)
-            adapter = None
-            if fam == "tiles":
-                from sylva_jax.adapter import make_adapter
-
-                adapter = make_adapter(self.params, self.masks(scope, arm, sparsity, mask_seed),
-                                       block_size=s["block_size"])
-                kw.update(method="sylva", adapter=adapter)
-            elif fam == "lora":
-                rank = rec["lora_rank"]
-                kw.update(method="lora", scope=scope, lora_rank=rank, lora_alpha=2.0 * rank,
-                          lora_dropout=s["lora_dropout"])
-            else:
-                kw.update(method="full")
-            cached = (make_train_step(self.graphdef, **kw), adapter)
+            method, adapter = self.arm_method(scope, arm, sparsity, mask_seed, rec.get("lora_rank"))
+            cached = (make_train_step(self.graphdef, method=method, learning_rate=lr, schedule="linear",
+                                      warmup_steps=warm, total_steps=steps), adapter)
             if trainers is not None:
                 trainers[tkey] = cached
         trainer, adapter = cached
@@ -597,7 +550,7 @@ class Study:
         rec["opt_state_bytes"] = int(sum(x.nbytes for x in jax.tree.leaves(state.opt_state)))
 
         def trainable_of(st):
-            return adapter.tiles(st.params) if fam == "tiles" else st.extras if fam == "lora" else st.params
+            return trainer.core.method.trainable(st.params, st.extras)
 
         snap_at = self.curve_steps() if snapshots else set()
         snaps, losses, step_times = [], [], []
@@ -618,7 +571,7 @@ class Study:
                    tokens=int(sum(int(b["attention_mask"].sum()) for b in self.train_batches(seed))))
         eval_s = 0.0
         if want_val:
-            v = self.eval_loss(self._eval_params(state, fam), "val")
+            v = self.eval_loss(trainer.merge(state), "val")
             eval_s += v["seconds"]
             rec["val_loss"] = v["loss"]
         rec["eval_s"] = eval_s
@@ -650,8 +603,7 @@ class Study:
         rec.update(heldout_loss=h["loss"], curve=curve)
         rec["eval_s"] = rec.get("eval_s", 0.0) + time.perf_counter() - t0
         if run.get("store") is not None:
-            atomic_write_json(run["store"].with_name(run["store"].name + ".json"),
-                              {**rec, "snap_steps": [st for st, _ in run["snaps"]]})
+            self.runs.update_record(run["store"], rec, [st for st, _ in run["snaps"]])
 
     def _params_from(self, fam: str, adapter, trainable):
         """The model parameters (device) given a run's trainable weights (host)."""
@@ -666,36 +618,14 @@ class Study:
             return merge_lora(self.params, tr)
         return tr
 
-    def _eval_params(self, state, fam):
-        if fam == "lora":
-            from sylva_jax.lora import merge_lora
-
-            return merge_lora(state.params, state.extras)
-        return state.params
-
     def _integrity(self, state, fam, adapter) -> dict:
         """Which weights moved: tiles only inside the kept tiles, LoRA never in the base
         weights, full fine-tuning everywhere."""
-        from sylva_jax import tree as tree_lib
+        from sylva_jax import evaluation
 
-        flat = {k: np.asarray(v) for k, v in tree_lib.flatten(state.params).items()}
-        out_max, changed, allowed_total = 0.0, 0, 0
-        bs = self.s["block_size"]
-        for k, w in flat.items():
-            d = np.abs(w.astype(np.float64) - self.base_flat[k].astype(np.float64))
-            if fam == "full":
-                allowed = np.ones(d.shape, bool)
-            elif fam == "tiles" and k in adapter.coords:
-                rows, cols = adapter.coords[k]
-                allowed = np.zeros(d.shape, bool)
-                for r, c in zip(np.asarray(rows), np.asarray(cols)):
-                    allowed[r * bs:(r + 1) * bs, c * bs:(c + 1) * bs] = True
-            else:
-                allowed = np.zeros(d.shape, bool)
-            out_max = max(out_max, float(d[~allowed].max()) if (~allowed).any() else 0.0)
-            changed += int((d[allowed] > 0).sum())
-            allowed_total += int(allowed.sum())
-        rec = {"max_change_outside_trainable": out_max, "changed_trainable_fraction": changed / max(allowed_total, 1)}
+        region = {"tiles": lambda: evaluation.inside_tiles(adapter), "lora": lambda: evaluation.nowhere,
+                  "full": lambda: evaluation.everywhere}[fam]()
+        rec = evaluation.moved_weights(self.base_flat, state.params, region)
         if fam == "lora":
             rec["lora_b_abs_sum"] = float(sum(np.abs(np.asarray(f["b"])).sum() for f in state.extras.factors.values()))
         return rec
@@ -797,7 +727,7 @@ class Study:
         }
         self.ran.append(key)
         self.save()
-        self._drop_runs(key)
+        self.runs.drop(f"{_stem(key)}__lr")
         log(f"{key}: done, held-out {hl.mean():.4f} (base {base:.4f}), lr {lr:.3g}, "
             f"{time.perf_counter() - t0:.0f} s")
 

@@ -28,7 +28,7 @@ from sylva_jax import tree as tree_lib
 from sylva_jax.ops import dense_linear
 
 __all__ = ["LoraParams", "lora_paths", "init_lora", "lora_linear_fn", "merge_lora", "num_lora_params",
-           "dropout_keep_mask"]
+           "rank_for_budget", "dropout_keep_mask"]
 
 
 @struct.dataclass
@@ -99,6 +99,20 @@ def init_lora(
 def num_lora_params(lora: LoraParams) -> int:
     """Number of trainable scalars (``r * (in + out)`` per adapted weight)."""
     return int(sum(x.size for x in jax.tree_util.tree_leaves(lora)))
+
+
+def rank_for_budget(params: Any, scope, num_trainable: int) -> int:
+    """The LoRA rank whose trainable count is nearest ``num_trainable`` (at least 1).
+
+    A rank-``r`` LoRA on the weights of ``scope`` trains ``r * sum(in + out)`` scalars
+    (:func:`num_lora_params`), so ``r = max(1, round(num_trainable / sum(in + out)))``:
+    e.g. the rank that matches a Sylva adapter's ``num_trainable`` on the same scope.
+    """
+    if int(num_trainable) < 0:
+        raise ValueError(f"num_trainable must be >= 0, got {num_trainable}")
+    flat = tree_lib.flatten(params)
+    per_rank = sum(sum(flat[p].shape) for p in lora_paths(params, scope))
+    return max(1, round(int(num_trainable) / per_rank))
 
 
 def _hash32(v: jax.Array) -> jax.Array:

@@ -288,27 +288,28 @@ def shard_batch(batch: Mapping[str, Any], mesh: Mesh, *, accum_steps: int = 1,
 
 def sharded_step(trainer, mesh: Mesh, state: Any, *, block_size: int = 64,
                  donate: bool = True) -> tuple[Callable, Any]:
-    """``(step, state)``: ``trainer``'s single jitted step (``Trainer.step_fn``, scan mode:
-    accumulation included) compiled for ``mesh`` with explicit in/out shardings, and
-    ``state`` placed accordingly (an abstract state of ``jax.ShapeDtypeStruct`` comes back
-    with the shardings attached, for ``step.jitted.lower(state, batch)`` without memory).
+    """``(step, state)``: one training step compiled for ``mesh`` with explicit in/out
+    shardings, and ``state`` placed accordingly (an abstract state of
+    ``jax.ShapeDtypeStruct`` comes back with the shardings attached, for
+    ``step.jitted.lower(state, batch)`` without memory).
+
+    ``trainer``: a :class:`sylva_jax.train.Trainer` (its pure ``core.step``, accumulation
+    included, is jitted here; ``accum_steps`` from it) or a
+    :class:`sylva_jax.train.TrainStep` from ``make_step``.
 
     The step keeps the state's sharding from one call to the next (so the donated buffers
     are reused on every shard and nothing recompiles); metrics come back replicated.
     Batches must be placed with :func:`shard_batch` (``accum_steps=trainer.accum_steps``).
     Equivalent to ``trainer.step`` up to the summation order of cross-device reductions.
     """
-    if trainer.step_fn is None:
-        raise ValueError("trainer has no step_fn; build it with sylva_jax.train.make_train_step")
+    core = getattr(trainer, "core", None) or trainer
+    if not callable(getattr(core, "step", None)) or not hasattr(core, "accum_steps"):
+        raise ValueError("sharded_step takes a Trainer (sylva_jax.train.make_train_step) or a TrainStep "
+                         "(sylva_jax.train.make_step)")
     st_sh = state_shardings(state, mesh, block_size=block_size)
-    b_sh = batch_sharding(mesh, accum_steps=trainer.accum_steps)
+    b_sh = batch_sharding(mesh, accum_steps=core.accum_steps)
     rep = NamedSharding(mesh, P())
-    inner = trainer.step_fn
-
-    def step(state, batch):
-        return inner(state, batch)
-
-    jitted = jax.jit(step, in_shardings=(st_sh, b_sh), out_shardings=(st_sh, rep),
+    jitted = jax.jit(core.step, in_shardings=(st_sh, b_sh), out_shardings=(st_sh, rep),
                      donate_argnums=(0,) if donate else ())
 
     def run(state, batch):

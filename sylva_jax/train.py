@@ -1,75 +1,70 @@
-"""Training steps for Sylva, LoRA and full fine-tuning behind one API (ALGORITHM.md s. 4).
+"""Training steps for any fine-tuning method and any optax optimizer (docs/algorithm.md,
+training).
 
-``make_train_step(model_or_graphdef, method=...)`` returns a :class:`Trainer` with
+Two layers:
 
-- ``init(params, *, seed=0) -> TrainState`` (a pytree: params, optimizer state, trainable
-  extras such as LoRA factors, step, rng, data position);
-- ``step(state, batch) -> (state, metrics)``: one optimizer update over ``accum_steps``
-  micro-batches, jitted with the state DONATED (its buffers are reused for the new state;
-  do not touch the old state afterwards);
-- ``num_trainable``, ``logits(state, input_ids, attention_mask, positions=None)`` (``[B, T, V]``,
-  or ``[B, V]`` at ``positions [B]``: the LM head then runs only there when ``apply_fn``
-  takes ``logits_at=``), ``eval_loss(state, batch)``.
+- :func:`make_step` ``(apply_fn, method, optimizer, ...) -> TrainStep``: PURE ``init`` /
+  ``step`` / ``grads`` functions (nothing jitted) for a :class:`sylva_jax.methods.Method`
+  and an ``optax.GradientTransformation``; callers ``jax.jit`` them (and shard them, see
+  :func:`sylva_jax.sharding.sharded_step`).
+- :func:`make_train_step` ``(model_or_graphdef, method="sylva" | "lora" | "full" | Method,
+  ...) -> Trainer``: the convenience used by the experiment script: builds the method and
+  its AdamW (or takes ``optimizer=``), jits the step with the state donated, and adds
+  ``logits`` / ``eval_loss``.
 
-Methods (the loss is always the token-mean ``lm_loss`` of :mod:`sylva_jax.losses`):
+State: :class:`TrainState` (params, optimizer state, the method's extras, step, rng, data
+position), a pytree. ``step(state, batch) -> (state, metrics)`` is one optimizer update.
 
-``sylva``  gradients w.r.t. the adapter's tiles only: the forward uses
-           ``adapter.linear_fn(tiles)`` whose ``embedded_linear`` returns ``dx`` dense and
-           the tile gradients by SDD; no dense weight gradient exists anywhere. The update
-           (``sparse_adamw`` over ``[nnz, bs, bs]`` tiles) is scatter-added into the donated
-           weights (``adapter.apply_updates``): no second copy of any weight.
-``lora``   LoRA factors (:mod:`sylva_jax.lora`) trained with AdamW, W frozen.
-``full``   AdamW on every parameter (weight decay on >= 2-D weights only, as HF Trainer).
-``floor``  benchmarks only: forward + backward down to the first decoder layer's inputs
-           (the embedding output), no weight gradient and no update: the cheapest step
-           any fine-tuning method can take.
+Loss: ``loss_fn(params, batch, linear_fn) -> scalar`` (default: the token-mean ``lm_loss`` of
+``apply_fn``'s logits, :func:`lm_loss_fn`); swap it for e.g. a chunked LM-head loss.
 
-Gradient accumulation. A batch for ``accum_steps = k > 1`` carries a leading micro-batch
-axis: every array is ``[k, b, T]``. The micro-batches are scanned with ``lax.scan`` inside
-the one jitted step (``accum_mode="scan"``, default) or run as a Python loop of jitted
-micro-steps followed by one jitted update (``accum_mode="loop"``); both give the same
-numbers. On the CPU they ran equally fast (SmolLM2-135M, sylva, 4 x 1x512 micro-batches:
-scan 45.0 s, loop 43.0 s, overlapping ranges under machine load; experiments/bench_step.py
-``--accum``), so the default is the scan: one program and one dispatch per step, and the
-accumulator never leaves the compiled step. ``accum_reduction`` defines the loss that is differentiated:
+Gradient accumulation. With ``accum_steps = k > 1`` every batch array is ``[k, b, T]`` (a
+leading micro-batch axis) and the step's gradient is ``sum_i w_i g_i`` over the
+micro-batches (:func:`accumulate`, one ``lax.scan`` inside the step; the loop mode of
+:class:`Trainer` runs the same accumulation as jitted micro-steps). ``accum_reduction``
+sets the weights:
 
-- ``"tokens"`` (default): the token mean over the union of the k micro-batches, i.e.
-  micro-batch i is weighted by ``n_i / sum_j n_j`` (``n_i`` its number of loss tokens).
-  The step then equals ONE step on the concatenated ``[k*b, T]`` batch (what recent
-  Hugging Face Trainer versions compute);
-- ``"mean"``: the plain mean of the k micro-batch token-mean losses (the classic
+- ``"tokens"`` (default): ``w_i = n_i / sum_j n_j`` (``n_i`` loss tokens of micro-batch i):
+  the token mean over the union, i.e. exactly one step on the concatenated ``[k*b, T]``
+  batch (what recent Hugging Face Trainer versions compute);
+- ``"mean"``: ``w_i = 1 / k``, the mean of the micro-batch token-mean losses (the classic
   ``loss / accum_steps``), which weights short samples more.
 
-Learning-rate schedules (``schedule=``): ``"linear"`` (the published default: 0 -> lr over
+Learning-rate schedules (:func:`make_schedule`): ``"linear"`` (0 -> lr over
 ``warmup_steps``, then linearly to 0 at ``total_steps``, as Hugging Face's
-``get_linear_schedule_with_warmup``), ``"cosine"`` (warm-up then cosine to 0 at
-``total_steps``) and ``"constant"`` (after the warm-up). ``step`` in the schedule counts
-optimizer updates.
+``get_linear_schedule_with_warmup``), ``"cosine"`` (warm-up then cosine to 0) and
+``"constant"`` (after the warm-up); the schedule's argument counts optimizer updates.
 
-Metrics per step: ``loss`` (the differentiated loss above), ``lr`` (the rate used for this
-update), ``grad_norm`` (global norm of the trainable gradient before clipping),
-``tokens`` (loss tokens in the step).
+Metrics per step: ``loss`` (the differentiated loss), ``grad_norm`` (global norm of the
+trainable gradient before clipping), ``tokens`` (loss tokens in the step) and ``lr`` (the
+rate of this update) when the step knows the schedule.
 """
 from __future__ import annotations
 
 import dataclasses
-import re
-from typing import Any, Callable
+import functools
+import inspect
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 from flax import struct
 
-from sylva_jax import lora as lora_lib
+from sylva_jax import methods
 from sylva_jax.losses import IGNORE_INDEX, lm_loss
+from sylva_jax.methods import Method
 
-__all__ = ["TrainState", "Trainer", "make_train_step", "make_schedule", "METHODS"]
+__all__ = ["TrainState", "TrainStep", "Trainer", "make_step", "make_train_step", "make_schedule",
+           "micro_weights", "accumulate", "zero_accumulator", "lm_loss_fn", "METHODS"]
 
-METHODS = ("sylva", "lora", "full", "floor")
+# the method names make_train_step builds itself (any other method: pass a Method value)
+METHODS = ("sylva", "lora", "full")
 
 # optax.global_norm is deprecated in favour of optax.tree.norm in recent optax
 _global_norm = getattr(getattr(optax, "tree", None), "norm", None) or optax.global_norm
+
+_BATCH_KEYS = ("input_ids", "attention_mask", "labels")
 
 
 @struct.dataclass
@@ -77,8 +72,8 @@ class TrainState:
     """Everything a step reads and writes; a pytree (saved whole by :mod:`checkpoint`).
 
     params:   model parameters (nested dict, as ``split`` returns).
-    opt_state: optax state of the method's optimizer (``()`` for ``floor``).
-    extras:   trainable parameters that are not model weights (``LoraParams`` for lora,
+    opt_state: optax state of the optimizer over the method's trainable pytree.
+    extras:   the method's trainable values that are not model weights (``LoraParams`` for lora,
               ``{}`` otherwise).
     step:     int32 ``[]``, optimizer updates done.
     rng:      uint32 ``[2]`` raw PRNG key, split once per step (dropout).
@@ -121,14 +116,231 @@ def make_schedule(kind: str, learning_rate: float, *, warmup_steps: int = 0,
     return optax.join_schedules([warm, after], [warmup_steps])
 
 
-def _decay_mask(tree):
-    """Weight decay on >= 2-D weights only (no decay for norms and biases, as HF Trainer)."""
-    return jax.tree.map(lambda x: x.ndim >= 2, tree)
+
+# --------------------------------------------------------------------------------------
+# the pure core
+# --------------------------------------------------------------------------------------
+
+
+def lm_loss_fn(apply_fn: Callable) -> Callable:
+    """``loss_fn(params, batch, linear_fn) -> scalar``: the token-mean ``lm_loss`` of
+    ``apply_fn(params, input_ids, attention_mask, linear_fn=linear_fn) -> [B, T, V]``."""
+    def loss_fn(params, batch, linear_fn):
+        logits = apply_fn(params, batch["input_ids"], batch.get("attention_mask"), linear_fn=linear_fn)
+        return lm_loss(logits, batch["labels"])
+
+    return loss_fn
+
+
+def _count_tokens(labels):
+    return (labels[..., 1:] != IGNORE_INDEX).sum().astype(jnp.float32)
+
+
+def micro_weights(labels: jax.Array, reduction: str = "tokens") -> tuple[jax.Array, jax.Array]:
+    """``(w [k], total tokens)`` of micro-batch labels ``[k, b, T]`` (module doc)."""
+    n = jax.vmap(_count_tokens)(labels)
+    total = n.sum()
+    if reduction == "tokens":
+        return n / jnp.maximum(total, 1.0), total
+    k = labels.shape[0]
+    return jnp.full((k,), 1.0 / k, jnp.float32), total
+
+
+def _acc_dtype(x):
+    return jnp.float32 if jnp.issubdtype(x.dtype, jnp.floating) else x.dtype
+
+
+def zero_accumulator(trainable: Any) -> tuple[Any, jax.Array]:
+    """``(grads, loss)`` zeros for :func:`accumulate`: float32 for floating leaves."""
+    return (jax.tree.map(lambda t: jnp.zeros(t.shape, _acc_dtype(t)), trainable),
+            jnp.zeros((), jnp.float32))
+
+
+def add_weighted(acc: tuple[Any, jax.Array], loss: jax.Array, grads: Any, w: jax.Array):
+    """One accumulation term: ``(G + w g, L + w l)`` for ``acc = (G, L)``."""
+    g_acc, l_acc = acc
+    return jax.tree.map(lambda a, g: a + w * g.astype(a.dtype), g_acc, grads), l_acc + w * loss
+
+
+def accumulate(micro_grad: Callable, acc: tuple[Any, jax.Array], batch: dict,
+               weights: jax.Array) -> tuple[Any, jax.Array]:
+    """``(sum_i w_i g_i, sum_i w_i l_i)`` over the micro-batches ``batch[name][i]`` with
+    ``lax.scan``; ``micro_grad(micro_batch, i) -> (l_i, g_i)``, ``acc`` from
+    :func:`zero_accumulator`."""
+    k = weights.shape[0]
+
+    def body(carry, xs):
+        mb, w, i = xs
+        loss, grads = micro_grad(mb, i)
+        return add_weighted(carry, loss, grads, w), None
+
+    acc, _ = jax.lax.scan(body, acc, (batch, weights, jnp.arange(k)))
+    return acc
+
+
+def _ordered_before_writes(grads):
+    """``grads`` scaled by ``1 + 0 * ||grads||`` (exactly 1 for finite gradients; NaN/inf
+    still propagate), for methods that write updates into buffers the backward reads.
+
+    The in-place scatter of a weight's update must follow every read of the old weight;
+    the backward's ``dx = dy W`` is such a read that is not an ancestor of that weight's own
+    update, so XLA's copy insertion would copy every adapted weight. A dependency of every
+    update on every gradient orders all reads before all writes (a layer's ``dx`` is an
+    ancestor of the gradients of the layers below it). (``optimization_barrier`` does not
+    survive to copy insertion.)"""
+    one = 1.0 + 0.0 * _global_norm(grads)
+    return jax.tree.map(lambda g: g * one.astype(g.dtype), grads)
+
+
+class TrainStep(NamedTuple):
+    """What :func:`make_step` returns: pure functions, nothing jitted.
+
+    init: ``(params, *, seed=0, extras=None, data_pos=0) -> TrainState`` (``extras=None``:
+      the method's fresh ones, drawn from ``seed``). The state owns ``params``.
+    step: ``(state, batch) -> (state, metrics)``: one optimizer update (module doc).
+    grads: ``(state, batch) -> (loss, grads)``: the differentiated loss and the trainable
+      gradient of one step (accumulated, before clipping); nothing is updated.
+    micro_step: ``(state, acc, micro_batch, w, i) -> acc``: one accumulation term of
+      micro-batch ``i`` with weight ``w`` (for loops of jitted micro-steps).
+    apply_gradients: ``(state, loss, grads, tokens, nsamples) -> (state, metrics)``: the
+      update from accumulated gradients.
+    zero_grads: ``state -> acc``: the zero accumulator of ``state``'s trainable pytree.
+    merge: ``state -> params``: plain weights (``method.merge``).
+    method: the :class:`Method`; optimizer: the optax transformation; accum_steps: ``k``;
+    schedule: the learning-rate schedule reported as ``lr`` (``None``: not reported).
+    """
+
+    init: Callable[..., "TrainState"]
+    step: Callable
+    grads: Callable
+    micro_step: Callable
+    apply_gradients: Callable
+    zero_grads: Callable
+    merge: Callable
+    method: Method
+    optimizer: optax.GradientTransformation
+    accum_steps: int
+    schedule: optax.Schedule | None = None
+
+
+def _check_step_args(method, optimizer, accum_steps, accum_reduction):
+    if not isinstance(method, Method):
+        raise TypeError(f"method must be a sylva_jax.methods.Method (methods.sylva(adapter), methods.lora(), "
+                        f"methods.full()); got {type(method).__name__}")
+    if not isinstance(optimizer, optax.GradientTransformation):
+        raise TypeError(f"optimizer must be an optax.GradientTransformation; got {type(optimizer).__name__}")
+    _check_accum(accum_steps, accum_reduction)
+
+
+def _check_accum(accum_steps, accum_reduction):
+    if not isinstance(accum_steps, int) or accum_steps < 1:
+        raise ValueError(f"accum_steps must be a positive int, got {accum_steps!r}")
+    if accum_reduction not in ("tokens", "mean"):
+        raise ValueError(f"accum_reduction must be 'tokens' or 'mean', got {accum_reduction!r}")
+
+
+def make_step(apply_fn: Callable, method: Method, optimizer: optax.GradientTransformation, *,
+              accum_steps: int = 1, accum_reduction: str = "tokens",
+              schedule: optax.Schedule | None = None, loss_fn: Callable | None = None) -> TrainStep:
+    """Pure training functions of ``method`` with ``optimizer`` (any optax transformation).
+
+    Args:
+      apply_fn: ``apply_fn(params, input_ids, attention_mask, *, linear_fn) -> [B, T, V]``
+        (for our LLaMA: ``functools.partial(llama.apply, graphdef)``).
+      method: a :class:`sylva_jax.methods.Method` (``methods.sylva(adapter)``, ...).
+      optimizer: updates the method's trainable pytree (Sylva: tile stacks, e.g.
+        ``optim.sparse_adamw``).
+      accum_steps, accum_reduction: gradient accumulation (module doc).
+      schedule: the learning-rate schedule inside ``optimizer``, only to report ``lr``.
+      loss_fn: ``(params, batch, linear_fn) -> scalar``; default ``lm_loss_fn(apply_fn)``.
+    """
+    _check_step_args(method, optimizer, accum_steps, accum_reduction)
+    k = accum_steps
+    loss_fn = lm_loss_fn(apply_fn) if loss_fn is None else loss_fn
+
+    def loss_of(trainable, state, batch, rng):
+        params, linear_fn = method.forward(state.params, state.extras, trainable, rng)
+        return loss_fn(params, batch, linear_fn)
+
+    grad_fn = jax.value_and_grad(loss_of)
+
+    def trainable_of(state):
+        return method.trainable(state.params, state.extras)
+
+    def micro_grad_of(state, trainable):
+        _, step_rng = jax.random.split(state.rng)
+        return lambda mb, i: grad_fn(trainable, state, mb, jax.random.fold_in(step_rng, i))
+
+    def gradients(state, batch):
+        """(loss, grads (float32 when accumulated), tokens, samples) of one step's batch."""
+        trainable = trainable_of(state)
+        micro_grad = micro_grad_of(state, trainable)
+        if k == 1:
+            loss, grads = micro_grad(batch, 0)
+            return loss, grads, _count_tokens(batch["labels"]), batch["input_ids"].shape[0]
+        w, tokens = micro_weights(batch["labels"], accum_reduction)
+        grads, loss = accumulate(micro_grad, zero_accumulator(trainable), batch, w)
+        return loss, grads, tokens, k * batch["input_ids"].shape[1]
+
+    def apply_gradients(state, loss, grads, tokens, nsamples):
+        rng_next, _ = jax.random.split(state.rng)
+        trainable = trainable_of(state)
+        gnorm = _global_norm(grads)
+        grads = jax.tree.map(lambda g, t: g.astype(t.dtype), grads, trainable)
+        if method.in_place:
+            grads = _ordered_before_writes(grads)
+        updates, opt_state = optimizer.update(grads, state.opt_state, trainable)
+        params, extras = method.apply_updates(state.params, state.extras, updates)
+        new = state.replace(params=params, extras=extras, opt_state=opt_state, step=state.step + 1,
+                            rng=rng_next, data_pos=state.data_pos + jnp.asarray(nsamples, state.data_pos.dtype))
+        metrics = {"loss": loss, "grad_norm": gnorm, "tokens": tokens}
+        if schedule is not None:
+            metrics["lr"] = jnp.asarray(schedule(state.step), jnp.float32)
+        return new, metrics
+
+    def step(state, batch):
+        return apply_gradients(state, *gradients(state, batch))
+
+    def micro_step(state, acc, mb, w, i):
+        loss, grads = micro_grad_of(state, trainable_of(state))(mb, i)
+        return add_weighted(acc, loss, grads, w)
+
+    def init(params, *, seed: int = 0, extras: Any = None, data_pos: int = 0) -> TrainState:
+        key = jax.random.PRNGKey(seed)
+        if extras is None:
+            extras = method.init(params, jax.random.fold_in(key, 1))
+        state = TrainState(params=params, opt_state=(), extras=extras, step=jnp.zeros((), jnp.int32),
+                           rng=key, data_pos=jnp.asarray(data_pos, jnp.int32))
+        return state.replace(opt_state=optimizer.init(trainable_of(state)))
+
+    return TrainStep(
+        init=init, step=step, grads=lambda state, batch: gradients(state, batch)[:2],
+        micro_step=micro_step, apply_gradients=apply_gradients,
+        zero_grads=lambda state: zero_accumulator(jax.eval_shape(trainable_of, state)),
+        merge=lambda state: method.merge(state.params, state.extras),
+        method=method, optimizer=optimizer, accum_steps=k, schedule=schedule)
+
+
+# --------------------------------------------------------------------------------------
+# the convenience: methods by name, AdamW, jitted and donated
+# --------------------------------------------------------------------------------------
 
 
 @dataclasses.dataclass
 class Trainer:
-    """What :func:`make_train_step` returns. ``step`` is jitted with the state donated."""
+    """What :func:`make_train_step` returns. ``step`` is jitted with the state DONATED (its
+    buffers are reused for the new state; do not touch the old state afterwards).
+
+    init: ``(params=None, *, seed=0, lora=None, data_pos=0) -> TrainState`` (``lora``: given
+      LoRA factors instead of fresh ones); also sets ``num_trainable``.
+    step, grads: the jitted :class:`TrainStep` functions (``step`` checks the batch).
+    logits: ``(state, input_ids, attention_mask=None, positions=None)`` -> ``[B, T, V]``, or
+      ``[B, V]`` at ``positions [B]`` (the LM head then runs only there when ``apply_fn``
+      takes ``logits_at=``); the method's evaluation forward.
+    eval_loss: ``(state, batch) -> scalar`` token-mean loss; merge: ``state -> params``.
+    step_fn: the single jitted, donated step (``.lower(state, batch)`` for compiled stats).
+    core: the pure :class:`TrainStep` (``core.step`` for callers that jit it themselves).
+    """
 
     method: str
     init: Callable[..., TrainState]
@@ -140,7 +352,9 @@ class Trainer:
     accum_steps: int
     accum_mode: str
     num_trainable: int | None = None
-    step_fn: Callable | None = None  # the single jitted step (scan mode), for lowering/compiling
+    step_fn: Callable | None = None
+    core: TrainStep | None = None
+    merge: Callable[[TrainState], Any] | None = None
 
 
 def _resolve_model(model_or_graphdef, apply_fn):
@@ -158,8 +372,6 @@ def _resolve_model(model_or_graphdef, apply_fn):
 
 def _takes_logits_at(apply_fn) -> bool:
     """Whether ``apply_fn`` accepts ``logits_at=`` (ours does; a custom one may not)."""
-    import inspect
-
     try:
         params = inspect.signature(apply_fn).parameters
     except (TypeError, ValueError):
@@ -176,14 +388,93 @@ def _is_graphdef(obj) -> bool:
         return True
 
 
-def _count_tokens(labels):
-    return (labels[..., 1:] != IGNORE_INDEX).sum().astype(jnp.float32)
+def _check_batch(batch, k: int) -> dict:
+    """The batch's ``input_ids`` / ``attention_mask`` / ``labels``, shapes checked."""
+    if not isinstance(batch, dict) or "input_ids" not in batch or "labels" not in batch:
+        raise ValueError("a batch is a dict with 'input_ids', 'labels' and optionally 'attention_mask' "
+                         "(see sylva_jax/losses.py)")
+    ids = batch["input_ids"]
+    want = 3 if k > 1 else 2
+    if ids.ndim != want or (k > 1 and ids.shape[0] != k):
+        raise ValueError(
+            f"with accum_steps={k} every batch array must be "
+            + (f"[{k}, b, T] (a leading micro-batch axis)" if k > 1 else "[b, T]")
+            + f"; got input_ids of shape {tuple(ids.shape)}")
+    for name in ("attention_mask", "labels"):
+        arr = batch.get(name)
+        if arr is not None and arr.shape != ids.shape:
+            raise ValueError(f"batch[{name!r}] has shape {tuple(arr.shape)}, input_ids {tuple(ids.shape)}")
+    return {name: batch[name] for name in _BATCH_KEYS if name in batch}
+
+
+def _method_of(method, *, adapter, backend, scope, lora_rank, lora_alpha, lora_dropout,
+               lora_dropout_impl) -> Method:
+    """A :class:`Method` value from ``method`` (a value, or one of :data:`METHODS`)."""
+    if isinstance(method, Method):
+        return method
+    builders = {
+        "sylva": lambda: methods.sylva(adapter, backend=backend),
+        "lora": lambda: methods.lora(scope=scope, rank=lora_rank, alpha=lora_alpha, dropout=lora_dropout,
+                                     dropout_impl=lora_dropout_impl),
+        "full": methods.full,
+    }
+    if method not in builders:
+        raise ValueError(f"unknown method {method!r}; choose one of {METHODS} or pass a "
+                         "sylva_jax.methods.Method value")
+    return builders[method]()
+
+
+def _loop_step(core: TrainStep, jit_step: Callable, donate: bool, accum_reduction: str) -> Callable:
+    """``step(state, batch)`` as a Python loop of jitted micro-steps (accumulating into a
+    donated buffer) and one jitted update: the numbers of the scanned step."""
+    k = core.accum_steps
+    jit_micro = jax.jit(core.micro_step, donate_argnums=(1,))
+    jit_apply = jax.jit(core.apply_gradients, donate_argnums=(0,) if donate else (), static_argnums=(4,))
+    jit_weights = jax.jit(functools.partial(micro_weights, reduction=accum_reduction))
+    jit_zeros = jax.jit(core.zero_grads)
+
+    def step(state, batch):
+        batch = _check_batch(batch, k)
+        if k == 1:
+            return jit_step(state, batch)
+        w, tokens = jit_weights(batch["labels"])
+        acc = jit_zeros(state)
+        for i in range(k):
+            acc = jit_micro(state, acc, {name: arr[i] for name, arr in batch.items()}, w[i], i)
+        grads, loss = acc
+        return jit_apply(state, loss, grads, tokens, k * batch["input_ids"].shape[1])
+
+    return step
+
+
+def _logits_fn(apply: Callable, method: Method) -> Callable:
+    """``logits(state, input_ids, attention_mask=None, positions=None)`` (see Trainer)."""
+    at = _takes_logits_at(apply)
+
+    def logits(state, input_ids, attention_mask=None, positions=None):
+        params, fn = method.eval_forward(state.params, state.extras)
+        if positions is None:
+            return apply(params, input_ids, attention_mask, linear_fn=fn)
+        if at:  # the LM head runs at the B positions only
+            return apply(params, input_ids, attention_mask, linear_fn=fn, logits_at=positions)
+        out = apply(params, input_ids, attention_mask, linear_fn=fn)
+        return out[jnp.arange(out.shape[0]), positions]
+
+    return logits
+
+
+def _default_optimizer(method, *, learning_rate, schedule, warmup_steps, total_steps, b1, b2, eps,
+                       weight_decay):
+    """(the method's AdamW on ``make_schedule(...)``, the schedule)."""
+    sched = make_schedule(schedule, learning_rate, warmup_steps=warmup_steps, total_steps=total_steps)
+    return method.adamw(sched, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay), sched
 
 
 def make_train_step(
     model_or_graphdef: Any,
     *,
-    method: str,
+    method: str | Method,
+    optimizer: optax.GradientTransformation | None = None,
     adapter: Any = None,
     scope: str | list[str] = "self_attn",
     lora_rank: int = 16,
@@ -203,298 +494,81 @@ def make_train_step(
     accum_mode: str = "scan",
     accum_reduction: str = "tokens",
     backend: str | None = None,
-    floor_probe: str = r"(^|\.)layers\.0\.",
     apply_fn: Callable | None = None,
+    loss_fn: Callable | None = None,
     donate: bool = True,
 ) -> Trainer:
-    """Build the training step of ``method`` (``"sylva"``, ``"lora"``, ``"full"``, ``"floor"``).
+    """The jitted training step of ``method`` (:func:`make_step` underneath).
 
     Args:
       model_or_graphdef: a ``LlamaForCausalLM`` (split here) or the graphdef from
         ``llama.split``; with ``apply_fn`` given, any object ``apply_fn`` accepts.
-      adapter: the ``Adapter`` (``make_adapter``); required for ``sylva``.
-      scope, lora_rank, lora_alpha, lora_dropout, lora_dropout_impl: LoRA only (see
-        :mod:`sylva_jax.lora`; ``"hash"`` dropout masks are a cheap counter-based generator,
-        ``"threefry"`` uses ``jax.random.bernoulli``).
-      learning_rate, schedule, warmup_steps, total_steps: see :func:`make_schedule`.
-      b1, b2, eps, weight_decay: AdamW (published defaults 0.9, 0.999, 1e-6, 0).
-      max_grad_norm: clip the trainable gradient to this global norm (``None``: no clip).
-      accum_steps, accum_mode, accum_reduction: gradient accumulation (module doc).
-      backend: SDD backend passed to ``adapter.linear_fn`` (``None``: the adapter's default).
-      floor_probe: ``floor`` only; regex of the linear layers whose inputs receive the
-        gradient (default: the first decoder layer, i.e. the whole backward to the
-        embedding output).
+      method: ``"sylva"``, ``"lora"``, ``"full"`` (built from the arguments below), or any
+        :class:`sylva_jax.methods.Method` value.
+      optimizer: any optax transformation over the method's trainable pytree; default: the
+        method's AdamW (``b1, b2, eps, weight_decay``; published defaults 0.9, 0.999, 1e-6,
+        0) on :func:`make_schedule` (``learning_rate, schedule, warmup_steps,
+        total_steps``), which is then also reported as ``lr``.
+      adapter, backend: Sylva (``make_adapter(...)``; SDD backend of ``adapter.linear_fn``,
+        ``None``: the adapter's default).
+      scope, lora_rank, lora_alpha, lora_dropout, lora_dropout_impl: LoRA
+        (:func:`sylva_jax.methods.lora`).
+      max_grad_norm: clip the trainable gradient to this global norm before the optimizer
+        (``None``: no clip).
+      accum_steps, accum_reduction: gradient accumulation (module doc); ``accum_mode``:
+        ``"scan"`` (one jitted step) or ``"loop"`` (jitted micro-steps, same numbers).
       apply_fn: ``apply(graphdef, params, input_ids, attention_mask, *, linear_fn) ->
         logits [B, T, V]``; default ``sylva_jax.models.llama.apply``.
+      loss_fn: see :func:`make_step` (default: token-mean ``lm_loss``).
       donate: donate the state to the jitted step (default; the old state is invalid after).
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
-    if method == "sylva" and adapter is None:
-        raise ValueError("method='sylva' needs adapter=make_adapter(params, masks, ...)")
-    if not isinstance(accum_steps, int) or accum_steps < 1:
-        raise ValueError(f"accum_steps must be a positive int, got {accum_steps!r}")
+    spec = _method_of(method, adapter=adapter, backend=backend, scope=scope, lora_rank=lora_rank,
+                      lora_alpha=lora_alpha, lora_dropout=lora_dropout, lora_dropout_impl=lora_dropout_impl)
+    _check_accum(accum_steps, accum_reduction)
     if accum_mode not in ("scan", "loop"):
         raise ValueError(f"accum_mode must be 'scan' or 'loop', got {accum_mode!r}")
-    if accum_reduction not in ("tokens", "mean"):
-        raise ValueError(f"accum_reduction must be 'tokens' or 'mean', got {accum_reduction!r}")
     graphdef, apply_fn, model_params = _resolve_model(model_or_graphdef, apply_fn)
-    k = accum_steps
-
+    apply = functools.partial(apply_fn, graphdef)
     sched = None
-    opt = None
-    if method != "floor":
-        sched = make_schedule(schedule, learning_rate, warmup_steps=warmup_steps, total_steps=total_steps)
-        if method == "sylva":
-            from sylva_jax.optim import sparse_adamw
+    if optimizer is None:
+        optimizer, sched = _default_optimizer(
+            spec, learning_rate=learning_rate, schedule=schedule, warmup_steps=warmup_steps,
+            total_steps=total_steps, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
+    if max_grad_norm is not None:
+        optimizer = optax.chain(optax.clip_by_global_norm(float(max_grad_norm)), optimizer)
+    core = make_step(apply, spec, optimizer, accum_steps=accum_steps, accum_reduction=accum_reduction,
+                     schedule=sched, loss_fn=loss_fn)
+    return _trainer(core, apply, model_params, accum_mode=accum_mode, accum_reduction=accum_reduction,
+                    donate=donate)
 
-            opt = sparse_adamw(sched, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
-        else:
-            opt = optax.adamw(sched, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
-                              mask=_decay_mask)
-        if max_grad_norm is not None:
-            opt = optax.chain(optax.clip_by_global_norm(float(max_grad_norm)), opt)
 
-    lin_kwargs = {} if backend is None else {"backend": backend}
-    probe_re = re.compile(floor_probe)
+def _trainer(core: TrainStep, apply: Callable, model_params: Any, *, accum_mode: str,
+             accum_reduction: str, donate: bool) -> Trainer:
+    """The :class:`Trainer` of ``core``: jitted (state donated), batches checked."""
+    k, spec = core.accum_steps, core.method
+    jit_step = jax.jit(core.step, donate_argnums=(0,) if donate else ())
+    jit_grads = jax.jit(core.grads)
+    jit_logits = jax.jit(_logits_fn(apply, spec))
 
-    # ---- per-method pieces: trainable(state), loss(trainable, state, batch, rng), update
-    def forward(params, batch, linear_fn):
-        return apply_fn(graphdef, params, batch["input_ids"], batch.get("attention_mask"),
-                        linear_fn=linear_fn)
-
-    def trainable_of(state):
-        if method == "sylva":
-            return adapter.tiles(state.params)
-        if method == "lora":
-            return state.extras
-        if method == "full":
-            return state.params
-        return jnp.zeros((), jnp.float32)  # floor: one scalar probe
-
-    def loss_of(trainable, state, batch, rng):
-        if method == "sylva":
-            logits = forward(state.params, batch, adapter.linear_fn(trainable, **lin_kwargs))
-        elif method == "lora":
-            fn = lora_lib.lora_linear_fn(trainable, dropout=lora_dropout,
-                                         rng=rng if lora_dropout > 0 else None,
-                                         dropout_impl=lora_dropout_impl)
-            logits = forward(state.params, batch, fn)
-        elif method == "full":
-            logits = forward(trainable, batch, None)
-        else:
-            logits = forward(state.params, batch, _floor_linear_fn(trainable, probe_re))
-        return lm_loss(logits, batch["labels"])
-
-    def update(state, trainable, grads):
-        if method == "floor":
-            return state
-        if method == "sylva":
-            # The in-place scatter of a weight's tile update must come after every read of the
-            # old weight. The backward's dx = dy W is such a read that is NOT an ancestor of
-            # that weight's own update, so XLA's copy insertion copies every adapted weight
-            # (measured: one extra copy of each adapted W in temporary memory). A data
-            # dependency of every update on every gradient orders all reads before all writes
-            # (a layer's dx is an ancestor of the gradients of the layers below it): scale
-            # the gradients by (1 + 0 * global norm), exactly 1 for finite gradients (NaN/inf
-            # still propagate). (optimization_barrier does not survive to copy insertion.)
-            one = 1.0 + 0.0 * _global_norm(grads)
-            grads = jax.tree.map(lambda g: g * one.astype(g.dtype), grads)
-        updates, opt_state = opt.update(grads, state.opt_state, trainable)
-        if method == "sylva":
-            # scatter into the donated weights, in place (checked by
-            # tests/test_train.py::test_sylva_step_has_no_dense_weight_gradient_or_weight_copy)
-            return state.replace(params=adapter.apply_updates(state.params, updates), opt_state=opt_state)
-        if method == "lora":
-            return state.replace(extras=optax.apply_updates(trainable, updates), opt_state=opt_state)
-        return state.replace(params=optax.apply_updates(trainable, updates), opt_state=opt_state)
-
-    grad_fn = jax.value_and_grad(loss_of)
-
-    # ---- batches and accumulation weights
-    def check_batch(batch):
-        if not isinstance(batch, dict) or "input_ids" not in batch or "labels" not in batch:
-            raise ValueError("a batch is a dict with 'input_ids', 'labels' and optionally 'attention_mask' "
-                             "(see sylva_jax/losses.py)")
-        ids = batch["input_ids"]
-        want = 3 if k > 1 else 2
-        if ids.ndim != want or (k > 1 and ids.shape[0] != k):
-            raise ValueError(
-                f"with accum_steps={k} every batch array must be "
-                + (f"[{k}, b, T] (a leading micro-batch axis)" if k > 1 else "[b, T]")
-                + f"; got input_ids of shape {tuple(ids.shape)}")
-        for name in ("attention_mask", "labels"):
-            arr = batch.get(name)
-            if arr is not None and arr.shape != ids.shape:
-                raise ValueError(f"batch[{name!r}] has shape {tuple(arr.shape)}, input_ids {tuple(ids.shape)}")
-        return {name: batch[name] for name in ("input_ids", "attention_mask", "labels") if name in batch}
-
-    def micro_weights(labels):  # labels [k, b, T] -> weights [k], total tokens
-        n = jax.vmap(_count_tokens)(labels)
-        total = n.sum()
-        if accum_reduction == "tokens":
-            w = n / jnp.maximum(total, 1.0)
-        else:
-            w = jnp.full((k,), 1.0 / k, jnp.float32)
-        return w, total
-
-    def acc_dtype(x):
-        return jnp.float32 if jnp.issubdtype(x.dtype, jnp.floating) else x.dtype
-
-    def finish(state, trainable, loss, grads, tokens, nsamples, step_rng_next):
-        gnorm = _global_norm(grads)
-        grads = jax.tree.map(lambda g, t: g.astype(t.dtype), grads, trainable)
-        lr = sched(state.step) if sched is not None else jnp.zeros((), jnp.float32)
-        new = update(state, trainable, grads)
-        new = new.replace(step=state.step + 1, rng=step_rng_next,
-                          data_pos=state.data_pos + jnp.asarray(nsamples, state.data_pos.dtype))
-        metrics = {"loss": loss, "lr": jnp.asarray(lr, jnp.float32), "grad_norm": gnorm, "tokens": tokens}
-        return new, metrics
-
-    def accumulate(state, batch):
-        """(loss, grads (float32 when accumulated), tokens, samples) of one step's batch."""
-        _, step_rng = jax.random.split(state.rng)
-        trainable = trainable_of(state)
-        if k == 1:
-            loss, grads = grad_fn(trainable, state, batch, jax.random.fold_in(step_rng, 0))
-            return loss, grads, _count_tokens(batch["labels"]), batch["input_ids"].shape[0]
-        w, tokens = micro_weights(batch["labels"])
-        zeros = jax.tree.map(lambda t: jnp.zeros(t.shape, acc_dtype(t)), trainable)
-
-        def body(carry, xs):
-            g_acc, l_acc = carry
-            mb, wi, i = xs
-            li, gi = grad_fn(trainable, state, mb, jax.random.fold_in(step_rng, i))
-            g_acc = jax.tree.map(lambda a, g: a + wi * g.astype(a.dtype), g_acc, gi)
-            return (g_acc, l_acc + wi * li), None
-
-        (grads, loss), _ = jax.lax.scan(body, (zeros, jnp.zeros((), jnp.float32)),
-                                        (batch, w, jnp.arange(k)))
-        return loss, grads, tokens, k * batch["input_ids"].shape[1]
-
-    def scan_step(state, batch):
-        rng_next, _ = jax.random.split(state.rng)
-        loss, grads, tokens, nsamples = accumulate(state, batch)
-        return finish(state, trainable_of(state), loss, grads, tokens, nsamples, rng_next)
-
-    jit_grads = jax.jit(lambda state, batch: accumulate(state, batch)[:2])
-
-    donate_args = (0,) if donate else ()
-    jit_scan_step = jax.jit(scan_step, donate_argnums=donate_args)
-
-    # loop mode: jitted micro-steps accumulating into a donated buffer, then one update
-    def micro_step(state, acc, loss_acc, mb, wi, i):
-        _, step_rng = jax.random.split(state.rng)
-        trainable = trainable_of(state)
-        li, gi = grad_fn(trainable, state, mb, jax.random.fold_in(step_rng, i))
-        acc = jax.tree.map(lambda a, g: a + wi * g.astype(a.dtype), acc, gi)
-        return acc, loss_acc + wi * li
-
-    def apply_step(state, grads, loss, tokens, nsamples):
-        rng_next, _ = jax.random.split(state.rng)
-        return finish(state, trainable_of(state), loss, grads, tokens, nsamples, rng_next)
-
-    jit_micro = jax.jit(micro_step, donate_argnums=(1, 2))
-    jit_apply = jax.jit(apply_step, donate_argnums=donate_args, static_argnums=(4,))
-    jit_weights = jax.jit(micro_weights)
-
-    def zeros_like_trainable(state):
-        return jax.tree.map(lambda t: jnp.zeros(t.shape, acc_dtype(t)), jax.eval_shape(trainable_of, state))
-
-    jit_zeros = jax.jit(zeros_like_trainable)
-
-    def loop_step(state, batch):
-        batch = check_batch(batch)
-        if k == 1:
-            return jit_scan_step(state, batch)
-        w, tokens = jit_weights(batch["labels"])
-        acc = jit_zeros(state)
-        loss = jnp.zeros((), jnp.float32)
-        for i in range(k):
-            mb = {name: arr[i] for name, arr in batch.items()}
-            acc, loss = jit_micro(state, acc, loss, mb, w[i], i)
-        return jit_apply(state, acc, loss, tokens, k * batch["input_ids"].shape[1])
-
-    def step(state, batch):
-        batch = check_batch(batch)
-        return jit_scan_step(state, batch)
-
-    def grads(state, batch):
-        """``(loss, grads)``: the differentiated loss and the trainable gradient of one step
-        (accumulated, before clipping) without updating anything; for tests and debugging."""
-        return jit_grads(state, check_batch(batch))
-
-    # ---- init, evaluation
-    def init(params=None, *, seed: int = 0, lora: lora_lib.LoraParams | None = None,
-             data_pos: int = 0) -> TrainState:
+    def init(params=None, *, seed: int = 0, lora: Any = None, data_pos: int = 0) -> TrainState:
         """A fresh state. The state OWNS ``params``: the donated step reuses their buffers,
         so copy them first (``jax.tree.map(jnp.copy, params)``) if you need the originals."""
-        if params is None:
-            params = model_params
+        params = model_params if params is None else params
         if params is None:
             raise ValueError("init needs params (make_train_step got a graphdef, not a model)")
-        key = jax.random.PRNGKey(seed)
-        extras: Any = {}
-        if method == "lora":
-            extras = lora if lora is not None else lora_lib.init_lora(
-                params, scope=scope, rank=lora_rank, alpha=lora_alpha, rng=jax.random.fold_in(key, 1))
-        state = TrainState(params=params, opt_state=(), extras=extras,
-                           step=jnp.zeros((), jnp.int32), rng=key,
-                           data_pos=jnp.asarray(data_pos, jnp.int32))
-        if opt is not None:
-            state = state.replace(opt_state=opt.init(trainable_of(state)))
-        trainer.num_trainable = _num_trainable(method, adapter, state)
+        state = core.init(params, seed=seed, extras=lora, data_pos=data_pos)
+        trainer.num_trainable = spec.num_trainable(state.params, state.extras)
         return state
-
-    def logits(state, input_ids, attention_mask=None, positions=None):
-        if method == "lora":
-            fn = lora_lib.lora_linear_fn(state.extras, dropout=0.0)
-        else:
-            fn = None
-        if positions is None:
-            return apply_fn(graphdef, state.params, input_ids, attention_mask, linear_fn=fn)
-        if _takes_logits_at(apply_fn):  # the LM head runs at the B positions only
-            return apply_fn(graphdef, state.params, input_ids, attention_mask, linear_fn=fn,
-                            logits_at=positions)
-        out = apply_fn(graphdef, state.params, input_ids, attention_mask, linear_fn=fn)
-        return out[jnp.arange(out.shape[0]), positions]
-
-    jit_logits = jax.jit(logits)
 
     def eval_loss(state, batch):
         return lm_loss(jit_logits(state, batch["input_ids"], batch.get("attention_mask")), batch["labels"])
 
     trainer = Trainer(
-        method=method, init=init,
-        step=loop_step if accum_mode == "loop" else step,
-        logits=jit_logits, eval_loss=eval_loss, grads=grads, schedule=sched,
-        accum_steps=k, accum_mode=accum_mode,
-        num_trainable={"sylva": lambda: int(adapter.num_trainable), "floor": lambda: 0}.get(
-            method, lambda: None)(),
-        step_fn=jit_scan_step,
-    )
+        method=spec.name, init=init,
+        step=(_loop_step(core, jit_step, donate, accum_reduction) if accum_mode == "loop"
+              else lambda state, batch: jit_step(state, _check_batch(batch, k))),
+        logits=jit_logits, eval_loss=eval_loss,
+        grads=lambda state, batch: jit_grads(state, _check_batch(batch, k)),
+        schedule=core.schedule, accum_steps=k, accum_mode=accum_mode, step_fn=jit_step, core=core,
+        merge=core.merge)
     return trainer
-
-
-def _num_trainable(method, adapter, state) -> int:
-    if method == "sylva":
-        return int(adapter.num_trainable)
-    if method == "lora":
-        return lora_lib.num_lora_params(state.extras)
-    if method == "full":
-        return int(sum(x.size for x in jax.tree_util.tree_leaves(state.params)))
-    return 0
-
-
-def _floor_linear_fn(probe: jax.Array, probe_re: re.Pattern) -> Callable:
-    """Plain frozen linear layers; inputs of layers matching ``probe_re`` are scaled by
-    ``1 + probe`` (probe = 0) so that ``d loss / d probe`` needs the backward of every
-    activation down to those inputs and nothing else (no weight gradient)."""
-    from sylva_jax.ops import dense_linear
-
-    def linear_fn(name, x, w, b=None):
-        if probe_re.search(name):
-            x = x * (1.0 + probe).astype(x.dtype)
-        return dense_linear(x, jax.lax.stop_gradient(w), None if b is None else jax.lax.stop_gradient(b))
-
-    return linear_fn

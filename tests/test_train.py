@@ -1,4 +1,4 @@
-"""Training steps (sylva / lora / full / floor) on a tiny random LLaMA.
+"""Training steps (sylva / lora / full) on a tiny random LLaMA.
 
 References are independent of the code under test: dense ``jax.grad`` of the plain model,
 ``optax.adamw`` on dense weights restricted to the tiles, and the explicit LoRA formula
@@ -412,17 +412,6 @@ def test_full_step_is_clipped_adamw(base, trainers, dense):
     # the gradient's rounding; 1e-5 absolute is a third of a percent of the step
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-5), state.params, want)
     assert trainer.num_trainable == sum(x.size for x in jax.tree.leaves(params))
-
-
-def test_floor_step_changes_nothing(base, dense):
-    graphdef, params = base
-    trainer = make_train_step(graphdef, method="floor")
-    state = trainer.init(copy(params))
-    batch = make_batch(7, 2)
-    state, metrics = trainer.step(state, batch)
-    jax.tree.map(np.testing.assert_array_equal, state.params, params)
-    np.testing.assert_allclose(float(metrics["loss"]), float(dense["loss"](params, batch)), rtol=1e-6)
-    assert float(metrics["grad_norm"]) > 0 and trainer.num_trainable == 0 and int(state.step) == 1
 
 
 # ------------------------------------------------------------------------------ schedules, errors
