@@ -169,14 +169,24 @@ def _adamw_pallas(rows, cols, hyper, grads, mu, nu, w, *, bs: int, interpret: bo
 
 
 def _adamw_xla(rows, cols, hyper, grads, mu, nu, w, *, bs: int, **hp):
-    """Gather the tiles of ``W`` (block-major view), same rule, scatter them back."""
-    o, i = w.shape
-    w4 = w.reshape(o // bs, bs, i // bs, bs)
-    tile = w4[rows, :, cols, :].astype(jnp.float32)                      # [nnz, bs, bs]
-    new, m, v = _adamw_tile(grads.astype(jnp.float32), mu.astype(jnp.float32),
-                            nu.astype(jnp.float32), tile, hyper[0], hyper[1], hyper[2], **hp)
-    w4 = w4.at[rows, :, cols, :].set(new.astype(w.dtype), unique_indices=True)
-    return w4.reshape(o, i), m.astype(mu.dtype), v.astype(nu.dtype)
+    """The same rule in XLA: moments for all tiles at once, then a loop over the tiles
+    that reads each tile of ``W`` (``dynamic_slice``) and writes it back
+    (``dynamic_update_slice``), in place in the loop-carried ``W`` (a gather / scatter
+    through a block-major view costs XLA:TPU several padded copies of ``W``)."""
+    g = grads.astype(jnp.float32)
+    m = hp["b1"] * mu.astype(jnp.float32) + (1.0 - hp["b1"]) * g
+    v = hp["b2"] * nu.astype(jnp.float32) + (1.0 - hp["b2"]) * g * g
+    lr, bc1, bc2 = hyper[0], hyper[1], hyper[2]
+    step = (m / bc1) / (jnp.sqrt(v / bc2) + hp["eps"])
+
+    def body(n, w):
+        r0, c0 = rows[n] * bs, cols[n] * bs
+        tile = jax.lax.dynamic_slice(w, (r0, c0), (bs, bs)).astype(jnp.float32)
+        u = step[n] + hp["wd"] * tile if hp["wd"] else step[n]
+        return jax.lax.dynamic_update_slice(w, (tile - lr * u).astype(w.dtype), (r0, c0))
+
+    w = jax.lax.fori_loop(0, rows.shape[0], body, w)
+    return w, m.astype(mu.dtype), v.astype(nu.dtype)
 
 
 def fused_sparse_adamw_step(w: jax.Array, grads: jax.Array, mu: jax.Array, nu: jax.Array,
