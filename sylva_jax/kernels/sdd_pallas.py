@@ -61,15 +61,20 @@ def smem_bytes(block_k: int, bs: int, itemsize: int, num_stages: int) -> int:
 
 
 def gpu_launch(n_tokens: int, bs: int, itemsize: int, budget: int = SMEM_BUDGET) -> GpuLaunch:
-    """Largest token chunk (<= 128), then most stages (<= 3, >= 1), whose
-    :func:`smem_bytes` fits ``budget``: bf16 at bs 64 gets (128, 3) = 96 KiB, f32 gets
-    (64, 3) = 96 KiB. 4 warps (128 threads) compute one 64x64 tile well."""
-    bk = choose_block_k(n_tokens)
-    while True:
-        for stages in (3, 2, 1):
-            if smem_bytes(bk, bs, itemsize, stages) <= budget or bk == 16 and stages == 1:
+    """Token chunk and pipeline depth whose :func:`smem_bytes` fits ``budget``: the
+    largest chunk (<= 128, >= 16) with 2 or 3 stages (3 preferred), else one stage.
+    bf16 at bs 64 gets (128, 3) = 96 KiB, f32 gets (64, 3) = 96 KiB. 4 warps (128
+    threads) compute one 64x64 tile."""
+    top = choose_block_k(n_tokens)
+    chunks = [top >> i for i in range(8) if top >> i >= 16]
+    for bk in chunks:
+        for stages in (3, 2):
+            if smem_bytes(bk, bs, itemsize, stages) <= budget:
                 return GpuLaunch(bk, stages, 4)
-        bk //= 2
+    for bk in chunks:
+        if smem_bytes(bk, bs, itemsize, 1) <= budget:
+            return GpuLaunch(bk, 1, 4)
+    return GpuLaunch(16, 1, 4)
 
 
 def token_splits(nnz: int, n_chunks: int, fill: int = FILL_PROGRAMS,
