@@ -186,19 +186,25 @@ def sdd_pallas(dy: jax.Array, x: jax.Array, rows: jax.Array, cols: jax.Array, *,
     return out.sum(axis=0).astype(out_dtype)
 
 
-def roofline(n_tokens: int, d_out: int, d_in: int, nnz: int, bs: int, itemsize: int) -> dict:
+def roofline(n_tokens: int, d_out: int, d_in: int, nnz: int, bs: int, itemsize: int, *,
+             unique_rows: int | None = None, unique_cols: int | None = None) -> dict:
     """FLOPs and HBM bytes of the SDD kernel and of the dense ``dy^T x`` it replaces.
 
-    SDD: ``2 N bs^2`` FLOPs per tile; each tile reads its ``N x bs`` column blocks of
-    ``dy`` and ``x`` (``2 N bs`` elements; L2 reuse across tiles sharing a row or column
-    is ignored, so this is an upper bound) and writes ``bs^2`` float32 values.
-    Dense: ``2 N out in`` FLOPs, reads ``N (out + in)`` elements, writes ``out in``.
+    SDD: ``2 N bs^2`` FLOPs per tile. Bytes, two bounds: ``sdd_bytes`` has every tile read
+    its ``N x bs`` column blocks of ``dy`` and ``x`` from HBM (no reuse in L2),
+    ``sdd_bytes_min`` reads each distinct block once (``unique_rows`` row blocks of ``dy``,
+    ``unique_cols`` column blocks of ``x``; default: no reuse); both write ``nnz bs^2``
+    float32 values. Dense: ``2 N out in`` FLOPs, reads ``N (out + in)`` elements, writes
+    ``out in`` (in the operand dtype).
     """
+    ur = nnz if unique_rows is None else unique_rows
+    uc = nnz if unique_cols is None else unique_cols
+    out_bytes = nnz * bs * bs * 4
     sdd_flops = 2 * n_tokens * bs * bs * nnz
-    sdd_bytes = nnz * (2 * n_tokens * bs * itemsize + bs * bs * 4)
+    sdd_bytes = nnz * 2 * n_tokens * bs * itemsize + out_bytes
+    sdd_bytes_min = (ur + uc) * n_tokens * bs * itemsize + out_bytes
     dense_flops = 2 * n_tokens * d_out * d_in
     dense_bytes = n_tokens * (d_out + d_in) * itemsize + d_out * d_in * itemsize
-    return {"sdd_flops": sdd_flops, "sdd_bytes": sdd_bytes, "dense_flops": dense_flops,
-            "dense_bytes": dense_bytes,
-            "sdd_intensity": sdd_flops / sdd_bytes, "dense_intensity": dense_flops / dense_bytes,
+    return {"sdd_flops": sdd_flops, "sdd_bytes": sdd_bytes, "sdd_bytes_min": sdd_bytes_min,
+            "dense_flops": dense_flops, "dense_bytes": dense_bytes,
             "density": nnz * bs * bs / (d_out * d_in)}
