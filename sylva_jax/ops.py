@@ -119,6 +119,8 @@ def sdd(dy: jax.Array, x: jax.Array, rows, cols, *, block_size: int,
             "pick a block size that divides both weight dimensions")
     rows, cols = _check_coords(rows, cols, d_out // bs, d_in // bs)
     backend = resolve_backend(backend)
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}; got {precision!r}")
     nnz = rows.shape[0]
     dy2 = dy.reshape(-1, d_out)
     x2 = x.reshape(-1, d_in)
@@ -126,8 +128,6 @@ def sdd(dy: jax.Array, x: jax.Array, rows, cols, *, block_size: int,
         return jnp.zeros((0, bs, bs), out_dtype)
     if dy2.shape[0] == 0:
         return jnp.zeros((nnz, bs, bs), out_dtype)
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}; got {precision!r}")
     kw = dict(block_size=bs, out_dtype=out_dtype, precision=precision)
     if backend == "triton":
         from sylva_jax.kernels.sdd_triton import sdd_triton
