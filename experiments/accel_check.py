@@ -15,7 +15,7 @@ a TPU plain XLA with no Mosaic kernel and no interpreter loop. GPU cells report 
 (``ptxas -v`` on XLA's PTX dump) and shared memory (XLA's thunk sequence); TPU cells the
 compiled temporary memory. Extra cells: ``sdd`` over 2^19 tokens (operands over 2^32
 bytes: 64-bit offsets) on H100; ``backend="pallas"`` on a TPU must be refused
-(``KernelRefused``); and a negative control, an SDD kernel asking for 512 KiB of shared
+(``KernelRefused``); and a negative control, an SDD kernel asking for 384 KiB of shared
 memory on an L4, must fail to compile. Any other outcome exits non-zero.
 
 Run it with the project's python and the accelerator plugins on ``PYTHONPATH`` only
@@ -293,12 +293,12 @@ def run_cell(target: str, kernel: str, dtype, device) -> dict:
 
 
 def negative_control(device) -> dict:
-    """An SDD kernel needing 4 stages x 2 x [256, 64] f32 blocks = 512 KiB of shared
-    memory, compiled for an L4 (99 KiB per block): the compiler must reject it."""
+    """An SDD kernel with 256-token f32 chunks and 4 pipeline stages (Triton asks for
+    384 KiB of shared memory), compiled for an L4 (99 KiB per block): it must be rejected."""
     f = lambda dy, x, r, c: sdd_pallas(dy, x, r, c, block_size=BS, block_k=256,  # noqa: E731
                                        num_stages=4, splits=1)
     prog = (f, [((4096, 4096), jnp.float32)] * 2 + [((205,), jnp.int32)] * 2, ())
-    cell = {"target": "l4", "kernel": "negative_control_smem_512KiB", "dtype": "f32"}
+    cell = {"target": "l4", "kernel": "negative_control_smem_overflow", "dtype": "f32"}
     try:
         compile_cell("cell_gpu_l4_negative_control_f32", prog, device)
         cell.update(compiled=True, ok=False, error="compiled, but it must not fit an L4")
