@@ -16,24 +16,27 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sylva_jax.kernels import on_gpu
-
 __all__ = ["BACKENDS", "resolve_backend", "sdd", "embedded_linear", "dense_linear"]
 
 BACKENDS = ("auto", "xla", "pallas", "triton")
 
-# On a GPU "auto" picks the Pallas kernel (Triton-lowered). It has not been measured
-# against the XLA gather+einsum path on a GPU yet (no GPU was available when this was
-# written); experiments/bench_sdd.py measures both wherever it runs.
+# What "auto" lowers to on a GPU (CUDA or ROCm): the Pallas kernel, compiled by Triton.
+# On a TPU and on a CPU "auto" lowers to "xla". The choice is made per lowering platform
+# (sylva_jax.kernels.platform.by_platform), not from the host: experiments/accel_check.py
+# compiles it for H100, A100, L4, TPU v5e and v6e from a CPU host.
 GPU_AUTO_BACKEND = "pallas"
+
+PRECISIONS = ("ieee", "tf32")
 
 
 def resolve_backend(backend: str) -> str:
-    """``"auto"`` -> ``"xla"`` on CPU/TPU, :data:`GPU_AUTO_BACKEND` on a GPU."""
+    """Validate an sdd backend name and return it.
+
+    ``"auto"`` is returned as ``"auto"``: it is resolved when the program is lowered, for
+    the platform it is compiled for (``pallas`` on a GPU, ``xla`` on a TPU or CPU).
+    """
     if backend not in BACKENDS:
         raise ValueError(f"unknown sdd backend {backend!r}; choose one of {BACKENDS}")
-    if backend == "auto":
-        return GPU_AUTO_BACKEND if on_gpu() else "xla"
     return backend
 
 
@@ -76,7 +79,7 @@ def _check_coords(rows, cols, n_row_blocks: int, n_col_blocks: int):
 
 def sdd(dy: jax.Array, x: jax.Array, rows, cols, *, block_size: int,
         backend: str = "auto", out_dtype=jnp.float32,
-        interpret: bool | None = None) -> jax.Array:
+        interpret: bool | None = None, precision: str = "ieee") -> jax.Array:
     """Sampled dense-dense product: the kept tiles of ``dW = dy^T x`` (ALGORITHM.md s. 4).
 
     Args:
@@ -84,10 +87,18 @@ def sdd(dy: jax.Array, x: jax.Array, rows, cols, *, block_size: int,
       x: ``[..., in]`` layer inputs, same leading (token) dimensions as ``dy``.
       rows, cols: ``int[nnz]`` tile coordinates in block units (may be traced).
       block_size: tile side ``bs``; must divide ``out`` and ``in``.
-      backend: ``"xla"``, ``"pallas"``, ``"triton"`` (GPU only) or ``"auto"``
-        (``xla`` on CPU, ``pallas`` on GPU).
+      backend: ``"xla"``, ``"pallas"``, ``"triton"`` (jax-triton, GPU only) or ``"auto"``
+        (decided at lowering: ``pallas`` compiled by Triton on a GPU, ``xla`` on a TPU
+        or CPU).
       out_dtype: dtype of the result; accumulation is float32 whatever the inputs.
-      interpret: Pallas only; ``None`` = interpret unless running on a GPU.
+      interpret: Pallas only. ``None``: compiled on a GPU, interpreted on a CPU,
+        refused on a TPU (:class:`sylva_jax.kernels.platform.KernelRefused` at lowering:
+        the kernel has no Mosaic TPU lowering; use ``xla`` or ``auto`` there), decided
+        for the platform lowered for. ``True``: Pallas' interpreter on any platform.
+        ``False``: always the compiled kernel.
+      precision: ``"ieee"`` (default: float32 operands are multiplied in IEEE float32
+        on every backend) or ``"tf32"`` (allow TF32 tensor cores for float32 operands on
+        a GPU). bf16 / f16 products are exact in float32 either way.
 
     Returns:
       ``[nnz, bs, bs]``; tile ``n`` is
@@ -108,6 +119,8 @@ def sdd(dy: jax.Array, x: jax.Array, rows, cols, *, block_size: int,
             "pick a block size that divides both weight dimensions")
     rows, cols = _check_coords(rows, cols, d_out // bs, d_in // bs)
     backend = resolve_backend(backend)
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}; got {precision!r}")
     nnz = rows.shape[0]
     dy2 = dy.reshape(-1, d_out)
     x2 = x.reshape(-1, d_in)
@@ -115,19 +128,40 @@ def sdd(dy: jax.Array, x: jax.Array, rows, cols, *, block_size: int,
         return jnp.zeros((0, bs, bs), out_dtype)
     if dy2.shape[0] == 0:
         return jnp.zeros((nnz, bs, bs), out_dtype)
+    kw = dict(block_size=bs, out_dtype=out_dtype, precision=precision)
+    if backend == "triton":
+        from sylva_jax.kernels.sdd_triton import sdd_triton
+
+        return sdd_triton(dy2, x2, rows, cols, **kw)
+    from sylva_jax.kernels.platform import by_platform
+    from sylva_jax.kernels.sdd_xla import sdd_xla
+
+    xla = functools.partial(sdd_xla, **kw)
     if backend == "xla":
-        from sylva_jax.kernels.sdd_xla import sdd_xla
+        return xla(dy2, x2, rows, cols)
+    pallas = _pallas_branches(rows.shape[0], bs, out_dtype, interpret, kw)
+    if backend == "auto":
+        return by_platform(dy2, x2, rows, cols, gpu=pallas["gpu"], tpu=xla, cpu=xla)
+    return by_platform(dy2, x2, rows, cols, **pallas)
 
-        return sdd_xla(dy2, x2, rows, cols, block_size=bs, out_dtype=out_dtype)
-    if backend == "pallas":
-        from sylva_jax.kernels.sdd_pallas import sdd_pallas
 
-        interp = (not on_gpu()) if interpret is None else bool(interpret)
-        return sdd_pallas(dy2, x2, rows, cols, block_size=bs, out_dtype=out_dtype,
-                          interpret=interp)
-    from sylva_jax.kernels.sdd_triton import sdd_triton
+def _pallas_branches(nnz: int, bs: int, out_dtype, interpret: bool | None, kw: dict):
+    """The Pallas SDD kernel per platform (see :func:`sdd`, ``interpret``)."""
+    from sylva_jax.kernels.platform import refused
+    from sylva_jax.kernels.sdd_pallas import sdd_pallas
 
-    return sdd_triton(dy2, x2, rows, cols, block_size=bs, out_dtype=out_dtype)
+    compiled = functools.partial(sdd_pallas, interpret=False, **kw)
+    interpreted = functools.partial(sdd_pallas, interpret=True, **kw)
+    if interpret:
+        return dict(gpu=interpreted, tpu=interpreted, cpu=interpreted)
+
+    def tpu(*args):
+        return refused(jnp.zeros((nnz, bs, bs), out_dtype), platform="tpu", message=(
+            "sdd backend 'pallas' has no TPU kernel (it is written for Triton); on a TPU "
+            "use backend='auto' or 'xla' (XLA's gather + batched dot), or interpret=True "
+            "to run the kernel in Pallas' interpreter"))
+
+    return dict(gpu=compiled, tpu=tpu, cpu=compiled if interpret is False else interpreted)
 
 
 def dense_linear(x: jax.Array, w: jax.Array, b: jax.Array | None = None) -> jax.Array:

@@ -1,4 +1,4 @@
-"""Sparse AdamW over the trainable tiles (ALGORITHM.md section 4).
+"""Sparse AdamW over the trainable tiles (docs/algorithm.md, section 4).
 
 Two interchangeable paths with the same state (:class:`SparseAdamWState`):
 
@@ -6,10 +6,13 @@ Two interchangeable paths with the same state (:class:`SparseAdamWState`):
   ``{path: [nnz, bs, bs]}``; its updates go into the weights with
   :meth:`sylva_jax.adapter.Adapter.apply_updates` (an XLA scatter, in place under jit with
   donation). Composable with ``optax.chain`` (clipping, ...). Works everywhere.
-- :func:`fused_sparse_adamw_step` / :func:`fused_sparse_adamw_update`: a Pallas kernel,
-  one program per tile, that reads the tile of ``W``, updates ``m`` and ``v`` and writes
-  the tile back into ``W`` in place (``input_output_aliases``). For GPUs (lowered through
-  Triton); runs interpreted on CPU (tests).
+- :func:`fused_sparse_adamw_step` / :func:`fused_sparse_adamw_update`: one step that
+  reads the tiles of ``W``, updates ``m`` and ``v`` and writes the tiles back into ``W``
+  in place, chosen for the platform lowered for: on a GPU a Pallas kernel compiled by
+  Triton (one program per tile, ``W`` aliased to the output, only the tiles stored); on
+  a TPU and a CPU the XLA gather / scatter of the same formula. The Pallas kernel has no
+  TPU form (its whole-``W`` block would be a VMEM buffer written back in full, garbage
+  outside the tiles): ``interpret=False`` on a TPU is refused at lowering.
 """
 from __future__ import annotations
 
@@ -23,7 +26,8 @@ import optax
 from jax.experimental import pallas as pl
 
 from sylva_jax import tree as tree_lib
-from sylva_jax.kernels import on_gpu
+from sylva_jax.kernels.platform import by_platform, refused
+from sylva_jax.kernels.sdd_pallas import triton_params
 
 __all__ = ["SparseAdamWState", "sparse_adamw", "fused_sparse_adamw_step",
            "fused_sparse_adamw_update"]
@@ -119,25 +123,70 @@ def sparse_adamw(learning_rate: ScalarOrSchedule, b1: float = 0.9, b2: float = 0
 # fused Pallas step
 # ---------------------------------------------------------------------------------------
 
-def _adamw_kernel(rows_ref, cols_ref, hyper_ref, g_ref, mu_ref, nu_ref, w_ref,
-                  w_out, mu_out, nu_out, *, bs: int, b1: float, b2: float, eps: float,
-                  wd: float):
-    n = pl.program_id(0)
-    r0 = pl.multiple_of(rows_ref[n] * bs, bs)
-    c0 = pl.multiple_of(cols_ref[n] * bs, bs)
-    lr = hyper_ref[0]
-    bc1 = hyper_ref[1]
-    bc2 = hyper_ref[2]
-    g = g_ref[0, :, :].astype(jnp.float32)
-    m = b1 * mu_ref[0, :, :].astype(jnp.float32) + (1.0 - b1) * g
-    v = b2 * nu_ref[0, :, :].astype(jnp.float32) + (1.0 - b2) * g * g
-    tile = w_ref[pl.ds(r0, bs), pl.ds(c0, bs)].astype(jnp.float32)
+def _adamw_tile(g, m, v, tile, lr, bc1, bc2, *, b1, b2, eps, wd):
+    """The AdamW rule of :func:`sparse_adamw` on float32 arrays: ``(new tile, m, v)``."""
+    m = b1 * m + (1.0 - b1) * g
+    v = b2 * v + (1.0 - b2) * g * g
     u = (m / bc1) / (jnp.sqrt(v / bc2) + eps)
     if wd:
         u = u + wd * tile
-    w_out[pl.ds(r0, bs), pl.ds(c0, bs)] = (tile - lr * u).astype(w_out.dtype)
+    return tile - lr * u, m, v
+
+
+def _adamw_kernel(rows_ref, cols_ref, hyper_ref, g_ref, mu_ref, nu_ref, w_ref,
+                  w_out, mu_out, nu_out, *, bs: int, **hp):
+    n = pl.program_id(0)
+    r0 = pl.multiple_of(rows_ref[n] * bs, bs)
+    c0 = pl.multiple_of(cols_ref[n] * bs, bs)
+    f32 = lambda ref: ref[0, :, :].astype(jnp.float32)  # noqa: E731
+    tile = w_ref[pl.ds(r0, bs), pl.ds(c0, bs)].astype(jnp.float32)
+    new, m, v = _adamw_tile(f32(g_ref), f32(mu_ref), f32(nu_ref), tile,
+                            hyper_ref[0], hyper_ref[1], hyper_ref[2], **hp)
+    w_out[pl.ds(r0, bs), pl.ds(c0, bs)] = new.astype(w_out.dtype)
     mu_out[0, :, :] = m.astype(mu_out.dtype)
     nu_out[0, :, :] = v.astype(nu_out.dtype)
+
+
+def _adamw_pallas(rows, cols, hyper, grads, mu, nu, w, *, bs: int, interpret: bool, **hp):
+    """The Pallas kernel: grid ``(nnz,)``, ``W`` aliased in and out (Triton stores only
+    the tile each program computes)."""
+    nnz = rows.shape[0]
+    full = lambda a: pl.BlockSpec(a.shape, lambda i: (0,) * a.ndim)  # noqa: E731
+    tile_spec = pl.BlockSpec((1, bs, bs), lambda i: (i, 0, 0))
+    return pl.pallas_call(
+        functools.partial(_adamw_kernel, bs=bs, **hp),
+        out_shape=(jax.ShapeDtypeStruct(w.shape, w.dtype),
+                   jax.ShapeDtypeStruct(mu.shape, mu.dtype),
+                   jax.ShapeDtypeStruct(nu.shape, nu.dtype)),
+        grid=(nnz,),
+        in_specs=[full(rows), full(cols), full(hyper), tile_spec, tile_spec, tile_spec, full(w)],
+        out_specs=(full(w), tile_spec, tile_spec),
+        input_output_aliases={6: 0, 4: 1, 5: 2},
+        interpret=interpret,
+        compiler_params=None if interpret else triton_params(num_warps=4, num_stages=1),
+        name="sylva_fused_adamw",
+    )(rows, cols, hyper, grads, mu, nu, w)
+
+
+def _adamw_xla(rows, cols, hyper, grads, mu, nu, w, *, bs: int, **hp):
+    """The same rule in XLA: moments for all tiles at once, then a loop over the tiles
+    that reads each tile of ``W`` (``dynamic_slice``) and writes it back
+    (``dynamic_update_slice``), in place in the loop-carried ``W`` (a gather / scatter
+    through a block-major view costs XLA:TPU several padded copies of ``W``)."""
+    g = grads.astype(jnp.float32)
+    m = hp["b1"] * mu.astype(jnp.float32) + (1.0 - hp["b1"]) * g
+    v = hp["b2"] * nu.astype(jnp.float32) + (1.0 - hp["b2"]) * g * g
+    lr, bc1, bc2 = hyper[0], hyper[1], hyper[2]
+    step = (m / bc1) / (jnp.sqrt(v / bc2) + hp["eps"])
+
+    def body(n, w):
+        r0, c0 = rows[n] * bs, cols[n] * bs
+        tile = jax.lax.dynamic_slice(w, (r0, c0), (bs, bs)).astype(jnp.float32)
+        u = step[n] + hp["wd"] * tile if hp["wd"] else step[n]
+        return jax.lax.dynamic_update_slice(w, (tile - lr * u).astype(w.dtype), (r0, c0))
+
+    w = jax.lax.fori_loop(0, rows.shape[0], body, w)
+    return w, m.astype(mu.dtype), v.astype(nu.dtype)
 
 
 def fused_sparse_adamw_step(w: jax.Array, grads: jax.Array, mu: jax.Array, nu: jax.Array,
@@ -154,10 +203,15 @@ def fused_sparse_adamw_step(w: jax.Array, grads: jax.Array, mu: jax.Array, nu: j
       count: int scalar, updates done before this one (``state.count``).
       rows, cols: ``int32[nnz]`` tile coordinates (block units), distinct tiles.
       learning_rate: float or schedule evaluated at ``count``.
-      interpret: ``None`` = interpret unless on a GPU.
+      interpret: ``None`` (default): decided for the platform lowered for, the Pallas
+        kernel compiled by Triton on a GPU, the XLA gather / scatter on a TPU or CPU.
+        ``True``: the Pallas kernel in Pallas' interpreter (any platform). ``False``:
+        the compiled Pallas kernel (refused at lowering on a TPU,
+        :class:`sylva_jax.kernels.platform.KernelRefused`).
 
     Returns:
-      ``(w, mu, nu)`` updated; the rule is the one of :func:`sparse_adamw`.
+      ``(w, mu, nu)`` updated; the rule is the one of :func:`sparse_adamw`; entries of
+      ``w`` outside the tiles are unchanged, bit for bit.
     """
     _check_hparams(b1, b2, eps, weight_decay)
     bs = int(block_size)
@@ -178,25 +232,24 @@ def fused_sparse_adamw_step(w: jax.Array, grads: jax.Array, mu: jax.Array, nu: j
         1.0 - jnp.float32(b2) ** t,
         jnp.float32(0.0),                      # padding: a power-of-two sized vector
     ])
-    interp = (not on_gpu()) if interpret is None else bool(interpret)
-    kernel = functools.partial(_adamw_kernel, bs=bs, b1=float(b1), b2=float(b2),
-                               eps=float(eps), wd=float(weight_decay))
-    full = lambda a: pl.BlockSpec(a.shape, lambda i: (0,) * a.ndim)  # noqa: E731
-    tile_spec = pl.BlockSpec((1, bs, bs), lambda i: (i, 0, 0))
-    rows = jnp.asarray(rows, jnp.int32)
-    cols = jnp.asarray(cols, jnp.int32)
-    return pl.pallas_call(
-        kernel,
-        out_shape=(jax.ShapeDtypeStruct(w.shape, w.dtype),
-                   jax.ShapeDtypeStruct(mu.shape, mu.dtype),
-                   jax.ShapeDtypeStruct(nu.shape, nu.dtype)),
-        grid=(nnz,),
-        in_specs=[full(rows), full(cols), full(hyper), tile_spec, tile_spec, tile_spec, full(w)],
-        out_specs=(full(w), tile_spec, tile_spec),
-        input_output_aliases={6: 0, 4: 1, 5: 2},
-        interpret=interp,
-        name="sylva_fused_adamw",
-    )(rows, cols, hyper, grads, mu, nu, w)
+    hp = dict(bs=bs, b1=float(b1), b2=float(b2), eps=float(eps), wd=float(weight_decay))
+    compiled = functools.partial(_adamw_pallas, interpret=False, **hp)
+    interpreted = functools.partial(_adamw_pallas, interpret=True, **hp)
+    xla = functools.partial(_adamw_xla, **hp)
+
+    def tpu_refused(*args):
+        w_out = refused(args[-1], platform="tpu", message=(
+            "fused_sparse_adamw_step(interpret=False) has no TPU kernel: its Pallas form "
+            "writes the whole W block back from VMEM; on a TPU use interpret=None (the "
+            "XLA gather / scatter, which writes only the tiles)"))
+        return w_out, args[4], args[5]
+
+    args = (jnp.asarray(rows, jnp.int32), jnp.asarray(cols, jnp.int32), hyper, grads, mu, nu, w)
+    if interpret:
+        return interpreted(*args)
+    if interpret is False:
+        return by_platform(*args, gpu=compiled, tpu=tpu_refused, cpu=compiled)
+    return by_platform(*args, gpu=compiled, tpu=xla, cpu=xla)
 
 
 def fused_sparse_adamw_update(adapter, params, grads: Mapping[str, jax.Array],

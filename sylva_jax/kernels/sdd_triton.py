@@ -1,6 +1,6 @@
 """SDD product as a kernel in the ``triton`` language, launched with jax-triton.
 
-ALGORITHM.md section 4. GPU only. Neither ``triton`` nor ``jax_triton`` is imported at
+docs/algorithm.md, section 4. GPU only. Neither ``triton`` nor ``jax_triton`` is imported at
 module import time: :func:`sdd_triton` imports them when called on a GPU and raises a
 clear error elsewhere.
 
@@ -40,7 +40,7 @@ def _kernel():
     @triton.jit
     def sdd_kernel(dy_ptr, x_ptr, rows_ptr, cols_ptr, out_ptr,
                    N: tl.constexpr, STRIDE_DY: tl.constexpr, STRIDE_X: tl.constexpr,
-                   BS: tl.constexpr, BK: tl.constexpr):
+                   BS: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr):
         pid = tl.program_id(0)
         r = tl.load(rows_ptr + pid).to(tl.int64)
         c = tl.load(cols_ptr + pid).to(tl.int64)
@@ -54,7 +54,7 @@ def _kernel():
                              mask=valid, other=0.0)
             x_blk = tl.load(x_ptr + tok[:, None] * STRIDE_X + c * BS + offs_b[None, :],
                             mask=valid, other=0.0)
-            acc += tl.dot(tl.trans(dy_blk), x_blk)
+            acc += tl.dot(tl.trans(dy_blk), x_blk, input_precision=PRECISION)
         out = out_ptr + pid * BS * BS + offs_b[:, None] * BS + offs_b[None, :]
         tl.store(out, acc.to(out_ptr.dtype.element_ty))
 
@@ -63,11 +63,12 @@ def _kernel():
 
 def sdd_triton(dy: jax.Array, x: jax.Array, rows: jax.Array, cols: jax.Array, *,
                block_size: int, out_dtype=jnp.float32, block_k: int = 64,
-               num_warps: int = 4, num_stages: int = 3) -> jax.Array:
+               num_warps: int = 4, num_stages: int = 3, precision: str = "ieee") -> jax.Array:
     """Sampled dense-dense product with a Triton kernel (GPU only).
 
     dy: ``[N, out]``, x: ``[N, in]`` (contiguous), rows/cols: ``int32[nnz]``. Returns
-    ``[nnz, bs, bs]`` in ``out_dtype`` (float32 accumulation).
+    ``[nnz, bs, bs]`` in ``out_dtype`` (float32 accumulation). ``precision``: Triton's
+    ``input_precision`` for float32 operands, ``"ieee"`` (default) or ``"tf32"``.
     """
     if not on_gpu():
         raise RuntimeError(
@@ -91,5 +92,5 @@ def sdd_triton(dy: jax.Array, x: jax.Array, rows: jax.Array, cols: jax.Array, *,
         grid=(nnz,),
         num_warps=num_warps,
         num_stages=num_stages,
-        N=n, STRIDE_DY=d_out, STRIDE_X=d_in, BS=bs, BK=block_k,
+        N=n, STRIDE_DY=d_out, STRIDE_X=d_in, BS=bs, BK=block_k, PRECISION=precision,
     )
