@@ -181,6 +181,9 @@ class ExperimentConfig:
         None, "JAX persistent compilation cache (default $SYLVA_JAX_CACHE, else ~/.cache/sylva_jax/jax): "
               "relaunches and repeated runs load compiled programs instead of compiling them")
     no_compile_cache: bool = setting(False, "do not use the persistent compilation cache")
+    no_export_peft: bool = setting(False, "do not write peft_adapter/ (Sylva as PEFT SHiRA, LoRA as PEFT LoRA)")
+    no_export_merged: bool = setting(False, "do not write merged/ (the best weights as a plain Hugging Face "
+                                            "checkpoint)")
 
     def __post_init__(self):
         if isinstance(self.resume, bool):  # Python callers and args.json of earlier versions

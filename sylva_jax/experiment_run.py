@@ -31,6 +31,7 @@ from jax.experimental import multihost_utils
 
 from sylva_jax import checkpoint as ckpt_lib
 from sylva_jax import compile_cache
+from sylva_jax import export as export_lib
 from sylva_jax.adapter import make_adapter
 from sylva_jax.importance import compute_masks
 from sylva_jax import masks as masks_lib
@@ -288,6 +289,8 @@ class Built:
     step: Any
     adapter: Any
     total_steps: int
+    base_tiles: Any = None  # sylva: the adapter's tiles before training (PEFT deltas)
+    graphdef: Any = None    # the model's structure, for the merged export
 
 
 def _total_steps(cfg: ExperimentConfig, n_examples: int, per_step: int) -> int:
@@ -314,6 +317,7 @@ def build_trainer(cfg: ExperimentConfig, devices: Devices, graphdef, params, mas
         kw.update(scope=cfg.scope, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
                   lora_dropout=cfg.lora_dropout)
     trainer = make_train_step(graphdef, **kw)
+    base_tiles = None if adapter is None else jax.device_get(adapter.tiles(params))
     if devices.mesh is None:
         state, step = trainer.init(params, seed=cfg.seed), trainer.step
     else:
@@ -327,7 +331,7 @@ def build_trainer(cfg: ExperimentConfig, devices: Devices, graphdef, params, mas
              "tokens_per_step_max": global_batch * cfg.gradient_accumulation_steps * cfg.max_seq_len}
     if cfg.method != "sylva":
         facts.update(sparsity_scope=None, sparsity_total=None)
-    return Built(trainer, state, step, adapter, total), facts
+    return Built(trainer, state, step, adapter, total, base_tiles, graphdef), facts
 
 
 def _prepare(cfg: ExperimentConfig, run: rd.RunDir, devices: Devices, global_batch: int,
@@ -385,18 +389,31 @@ def outcome_facts(outcome: Outcome, devices: Devices) -> dict:
 
 
 def export(cfg: ExperimentConfig, run: rd.RunDir, devices: Devices, built: Built, ckpts,
-           outcome: Outcome) -> None:
-    """The exports of a completed run, from its best checkpoint: the Sylva adapter
-    (``adapter/``: tiles, coordinates, base fingerprint). Stopped and interrupted runs
-    export nothing (they are resumed first)."""
+           outcome: Outcome, tok) -> dict:
+    """The exports of a completed run, from its best checkpoint (summary fields):
+    ``adapter/`` (sylva: tiles, coordinates, base fingerprint), ``peft_adapter/`` (sylva as
+    PEFT SHiRA, lora as PEFT LoRA; off with ``--no_export_peft``) and ``merged/`` (a plain
+    Hugging Face checkpoint of every method; off with ``--no_export_merged``). Stopped and
+    interrupted runs export nothing (they are resumed first)."""
     if outcome.status in ("interrupted", "stopped"):
-        return
+        return {}
+    want = cfg.method == "sylva" or not (cfg.no_export_peft and cfg.no_export_merged)
+    if not want:
+        return {}
+    best_state = ckpts.restore_best(outcome.state) or outcome.state
+    best_params = devices.host(best_state.params)  # gathered on every process
+    extras = devices.host(best_state.extras) if cfg.method == "lora" else None
+    if not devices.primary:
+        return {}
     if cfg.method == "sylva":
-        best_state = ckpts.restore_best(outcome.state) or outcome.state
-        best_params = devices.host(best_state.params)  # gathered on every process
-        if devices.primary:
-            path = ckpt_lib.save_adapter(run.adapter, built.adapter, best_params)
-            log(f"adapter (best step {outcome.best['step']}) saved to {path}")
+        path = ckpt_lib.save_adapter(run.adapter, built.adapter, best_params)
+        log(f"adapter (best step {outcome.best['step']}) saved to {path}")
+    paths = export_lib.export_run(
+        run.root, cfg.method, built.graphdef, best_params, extras=extras, adapter=built.adapter,
+        base_tiles=built.base_tiles, tokenizer=tok, base_name_or_path=cfg.model_name_or_path,
+        lora_dropout=cfg.lora_dropout, peft=not cfg.no_export_peft,
+        merged=not cfg.no_export_merged, log=log)
+    return {"exports": {k: str(v) if v is not None else None for k, v in paths.items()}}
 
 
 def _close(cfg: ExperimentConfig, run: rd.RunDir, devices: Devices, summary: dict) -> None:
@@ -439,7 +456,7 @@ def _execute(cfg: ExperimentConfig, stack: contextlib.ExitStack) -> dict[str, An
     built = dataclasses.replace(built, state=None)  # the loop's state replaces (and donates) it
     outcome = train(loop, state, best, summary["mmlu_before"])
     summary.update(outcome_facts(outcome, devices))
-    export(cfg, run, devices, built, ckpts, outcome)
+    summary.update(export(cfg, run, devices, built, ckpts, outcome, tok))
     summary.update(status=outcome.status, wall_time_s=time.perf_counter() - t_start, stage_times_s=times)
     _close(cfg, run, devices, summary)
     return summary

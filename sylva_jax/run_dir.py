@@ -45,7 +45,7 @@ __all__ = ["RunDir", "FINISHED", "RESUMABLE_CHANGES", "RESUME_MODES", "resume_mo
 FINISHED = ("finished", "target_reached")  # summary statuses of a run that is done
 # settings that may differ between a stopped run and its --resume
 RESUMABLE_CHANGES = ("resume", "overwrite", "stop_at_step", "log_interval", "coordinator", "process_id",
-                     "compile_cache_dir", "no_compile_cache")
+                     "compile_cache_dir", "no_compile_cache", "no_export_peft", "no_export_merged")
 # what a fresh restart of an unfinished run clears (cached masks and the restart log stay)
 _RUN_FILES = ("args.json", "metrics.jsonl", "evals.jsonl", "summary.json", "curves.png",
               "checkpoints", "adapter", "peft_adapter", "merged")

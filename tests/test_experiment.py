@@ -385,3 +385,27 @@ def test_metric_window_folds_steps_into_one_line():
     assert line["lr"] == pytest.approx(2e-3) and line["grad_norm"] == 0.25
     assert line["tokens_per_s"] == pytest.approx(400 / 2.0)
     assert w.records == []  # the next line starts a new window
+
+
+def test_finished_run_exports_load_in_peft_and_transformers(tiny_model_dir, straight_run):
+    """The sylva run's ``peft_adapter/`` on transformers' model of the base, through peft's own
+    loader, gives the logits of its ``merged/`` checkpoint loaded by transformers (float32:
+    the two differ only in the order of float additions, bound 1e-4) and they differ from
+    the base's by far more."""
+    import torch
+    import transformers
+    from peft import PeftModel
+
+    summary = _summary(straight_run)
+    assert summary["exports"] == {"peft_adapter": str(straight_run / "peft_adapter"),
+                                  "merged": str(straight_run / "merged")}
+    ids = torch.tensor([[1, 17, 230, 4021, 99, 512, 7, 3000]])
+    base = transformers.AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    with torch.no_grad():
+        base_logits = base(ids).logits
+        peft_logits = PeftModel.from_pretrained(base, straight_run / "peft_adapter")(ids).logits
+        merged = transformers.AutoModelForCausalLM.from_pretrained(straight_run / "merged",
+                                                                   dtype=torch.float32)
+        merged_logits = merged(ids).logits
+    assert torch.max(torch.abs(peft_logits - merged_logits)) < 1e-4
+    assert torch.max(torch.abs(merged_logits - base_logits)) > 1e-3
