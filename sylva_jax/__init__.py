@@ -31,6 +31,7 @@ _EXPORTS = {
     "Adapter": "sylva_jax.adapter",
     "sparse_adamw": "sylva_jax.optim",
     "make_train_step": "sylva_jax.train",
+    "make_step": "sylva_jax.train",
     "save_adapter": "sylva_jax.checkpoint",
     "load_adapter": "sylva_jax.checkpoint",
     # any JAX model
@@ -45,14 +46,21 @@ _EXPORTS = {
     "load_mmlu": "sylva_jax.data.mmlu",
     "evaluate_mmlu": "sylva_jax.data.mmlu",
     "batches": "sylva_jax.data.batching",
+    # interop: PEFT adapters and merged Hugging Face checkpoints
+    "export_peft": "sylva_jax.export",
+    "export_merged": "sylva_jax.export",
+    "load_peft_lora": "sylva_jax.export",
+    "load_peft_shira": "sylva_jax.export",
 }
+# submodules reachable as attributes before they are imported
+_MODULES = ("capture", "methods", "export")
 
-__all__ = sorted(_EXPORTS) + ["capture", "__version__"]
+__all__ = sorted(_EXPORTS) + list(_MODULES) + ["__version__"]
 
 
 def __getattr__(name: str):
-    if name == "capture":  # a callable module: sylva_jax.capture(fn, params, batches, scope=...)
-        return importlib.import_module("sylva_jax.capture")
+    if name in _MODULES:
+        return importlib.import_module(f"sylva_jax.{name}")
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'sylva_jax' has no attribute {name!r}")
@@ -63,4 +71,3 @@ def __getattr__(name: str):
 
 def __dir__():
     return __all__
-_EXPORTS.update(dict.fromkeys(("export_peft", "export_merged", "load_peft_lora", "load_peft_shira"), "sylva_jax.export")); __all__ = sorted(_EXPORTS) + ["capture", "__version__"]  # noqa: E702,E501

@@ -22,14 +22,12 @@ derivative of the loss w.r.t. the probe is then the per-sample sum of ``dL/dy`` 
 tokens. Only the weights in scope and the probes are differentiated; the other parameters are
 plain (non-differentiated) arguments. Nothing per-sample is kept across batches.
 
-``sylva_jax.capture(fn, params, batches, *, scope, ...)`` (calling the module) runs
-:func:`sylva_jax.anymodel.capture`, the same statistics for any JAX loss function.
+:func:`sylva_jax.anymodel.capture` (``sylva_jax.capture_stats``) gathers the same
+statistics for any JAX loss function.
 """
 from __future__ import annotations
 
 import functools
-import sys
-import types
 from typing import Any, Callable, Iterable, Iterator, Mapping, NamedTuple
 
 import jax
@@ -42,6 +40,7 @@ from sylva_jax import tree as tree_lib
 from sylva_jax.losses import lm_loss
 from sylva_jax.models import llama
 from sylva_jax.ops import dense_linear
+from sylva_jax.progress import Progress
 from sylva_jax.scope import match_scope
 from sylva_jax.statistics import (  # noqa: F401  (re-exported: the results and constants)
     EXACT_TOKEN_BYTES,
@@ -388,6 +387,7 @@ def preprocess(
         factor_kind=factor_kind, keep_dense=keep_dense, token_update=token_update)
     step = _make_step(fn.apply, acc)
     state, seen = acc.init(), 0
+    bar = Progress(int(num_samples), "calibration", unit="sample", delay_s=5)
     for ids, am, labels in _take_samples(batches, int(num_samples)):
         try:
             state = step(state, scoped, fn.params, fn.extra, ids, am, labels)
@@ -397,19 +397,9 @@ def preprocess(
                 "scan over layers?); calibration capture needs a model built with "
                 "remat=False") from e
         seen += ids.shape[0]
+        bar.update(ids.shape[0])
+    bar.close()
     return acc.finalize(
         state, scoped, num_samples=seen, requested=num_samples, scope=scope,
         damping=damping, relative_damping=relative_damping,
         total_params=sum(np.size(x) for x in tree_lib.flatten(fn.params).values()))
-
-
-class _CallableModule(types.ModuleType):
-    """``sylva_jax.capture(fn, params, batches, *, scope, ...)`` is
-    :func:`sylva_jax.anymodel.capture`, while ``sylva_jax.capture`` stays this module."""
-
-    def __call__(self, fn, params, batches, **kwargs):
-        """Statistics capture for an unchanged JAX model: see :func:`sylva_jax.anymodel.capture`."""
-        return anymodel.capture(fn, params, batches, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule

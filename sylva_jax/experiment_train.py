@@ -26,6 +26,7 @@ from sylva_jax import sharding
 from sylva_jax.data.batching import collate, epoch_order
 from sylva_jax.data.mmlu import evaluate_mmlu
 from sylva_jax.experiment_config import ExperimentConfig, ExperimentError
+from sylva_jax.progress import Progress
 from sylva_jax.run_log import MetricWindow, log, tag
 
 __all__ = ["Devices", "Loop", "Outcome", "SampleStream", "bucket", "make_answer_logits",
@@ -116,8 +117,10 @@ def make_evaluator(answer_logits: Callable, tok, questions, *, batch_size: int,
     ``times["evaluate"]``."""
     def evaluate(state) -> dict:
         t0 = time.perf_counter()
-        res = evaluate_mmlu(lambda ids, mask: answer_logits(state, ids, mask), tok, questions,
-                            batch_size=batch_size)
+        n_batches = -(-len(questions) // batch_size)
+        with Progress(n_batches, "MMLU", unit="batch", log=log, delay_s=5) as bar:
+            res = evaluate_mmlu(lambda ids, mask: answer_logits(state, ids, mask), tok, questions,
+                                batch_size=batch_size, progress=lambda done, _: bar.update(done - bar.n))
         res["seconds"] = time.perf_counter() - t0
         times["evaluate"] = times.get("evaluate", 0.0) + res["seconds"]
         return res

@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sylva_jax.progress import track
 from sylva_jax import curvature
 
 __all__ = [
@@ -95,9 +96,11 @@ def inv_diags(factors: Mapping[str, tuple], damping: float, relative: bool) -> d
     """``{layer: (diag((A + lam I)^-1) [in], diag((G + lam I)^-1) [out])}`` for
     ``factors = {layer: (A, G)}`` (``docs/algorithm.md`` §3; one compiled call per factor
     shape)."""
+    layers = track(factors.items(), "inverse diagonals", total=len(factors), unit="layer",
+                   delay_s=5)
     return {n: (curvature.inv_diag(A, damping=damping, relative=relative),
                 curvature.inv_diag(G, damping=damping, relative=relative))
-            for n, (A, G) in factors.items()}
+            for n, (A, G) in layers}
 
 
 @dataclasses.dataclass(eq=False)
