@@ -1,6 +1,6 @@
 """Benchmark: the SDD product (only the kept tiles of dW = dy^T x) against the dense dy^T x.
 
-ALGORITHM.md section 4. Float32, SmolLM2-135M-like shapes (hidden 576, MLP 1536), block 64,
+`docs/algorithm.md` §5. Float32, SmolLM2-135M-like shapes (hidden 576, MLP 1536), block 64,
 densities 1%, 5%, 20%, tokens 512 and 2048. Arms are compiled and warmed up first, then
 timed interleaved (round-robin, so machine-load drift hits every arm alike); medians and
 ratios to the dense product are written to experiments/results/sdd.json.

@@ -1,6 +1,6 @@
 """Benchmark: one training step of sylva vs LoRA vs full fine-tuning vs the floor.
 
-ALGORITHM.md section 4. SmolLM2-135M shapes (vocab 49152, hidden 576, 30 layers, 9 heads,
+`docs/algorithm.md` §5. SmolLM2-135M shapes (vocab 49152, hidden 576, 30 layers, 9 heads,
 3 KV heads, MLP 1536, tied embeddings), float32, batch 1x512 and 4x512 tokens, scopes
 ``self_attn`` and ``model.layers``. Weights are random by default (timing does not depend
 on their values; ``--pretrained`` loads the real model through ``load_pretrained``).

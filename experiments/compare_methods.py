@@ -4,7 +4,7 @@ Fine-tunes SmolLM2-135M (embedded, offline) on an instruction file and compares,
 same token budget and the same data order:
 
   tile arms   Sylva embedded tiles at one sparsity (default 0.95), masks from
-              ``sylva`` (HODLR factors, ALGORITHM.md damping 1e-6 absolute),
+              ``sylva`` (HODLR factors, docs/algorithm.md §3, damping 1e-6 absolute),
               ``sylva_reldamp`` (HODLR, damping 0.1 relative to mean(diag F)),
               ``sylva_spread`` (sylva's scores, top-k capped per row / column of tiles),
               ``kfac`` (exact dense factors), ``fisher``, ``grad``, ``magnitude``, ``random``;
@@ -70,7 +70,7 @@ TILE_ARMS = ("sylva", "sylva_reldamp", "sylva_spread", "sylva_tokens", "sylva_ca
 ALL_ARMS = TILE_ARMS + ("lora", "full")
 # mask method and inverse-curvature damping (value, relative?) of each tile arm
 TILE_SPEC = {
-    "sylva": ("sylva", 1e-6, False),          # ALGORITHM.md default
+    "sylva": ("sylva", 1e-6, False),          # docs/algorithm.md §3 default
     "sylva_reldamp": ("sylva", 0.1, True),    # relative damping: no indefinite HODLR inverse
     "sylva_spread": ("sylva", 1e-6, False),   # sylva's scores, tiles spread over rows/columns
     "sylva_tokens": ("sylva", 1e-6, False),   # per-token (K-FAC) factors instead of token means
@@ -83,7 +83,7 @@ TILE_SPEC = {
 }
 # arms whose top-k is capped per row and column of tiles (importance.spread_topk_mask)
 SPREAD_ARMS = ("sylva_spread",)
-# arms whose factors are per-token sums (capture factor="tokens", ALGORITHM.md s. 1)
+# arms whose factors are per-token sums (capture factor="tokens", docs/algorithm.md §1)
 TOKEN_FACTOR_ARMS = ("sylva_tokens",)
 # arms calibrated on a multiple of calib_samples (their own pass; the smaller set is a
 # prefix of the larger). experiments/mask_stability.py: Sylva's mask from 32 samples keeps

@@ -1,6 +1,6 @@
 """The Sylva adapter: static tile coordinates and gather / scatter of tiles in the weights.
 
-ALGORITHM.md section 4. The trainable tiles live *inside* the frozen weights: the
+`docs/algorithm.md` §5. The trainable tiles live *inside* the frozen weights: the
 parameters are the merged model at all times and there is never a second copy of a
 weight. An :class:`Adapter` only knows, per weight path, which ``bs x bs`` tiles train;
 it gathers them (:meth:`Adapter.tiles`), adds optimizer updates into them

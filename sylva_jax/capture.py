@@ -35,7 +35,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sylva_jax import anymodel
 from sylva_jax import tree as tree_lib
 from sylva_jax.losses import lm_loss
 from sylva_jax.models import llama

@@ -1,4 +1,4 @@
-"""Checkpoints: full training state (Orbax) and adapter-only files (ALGORITHM.md s. 4).
+"""Checkpoints: full training state (Orbax) and adapter-only files (`docs/algorithm.md` §5).
 
 Full state (:class:`RunCheckpoints`, or the functions :func:`checkpoint_manager`,
 :func:`save_state`, :func:`restore_state`): the whole :class:`sylva_jax.train.TrainState`

@@ -1,4 +1,4 @@
-"""The SDD product and the embedded linear layer (ALGORITHM.md section 4).
+"""The SDD product and the embedded linear layer (`docs/algorithm.md` §5).
 
 - :func:`sdd` computes only the ``nnz`` kept ``bs x bs`` tiles of ``dW = dy^T x``
   (a "sampled dense-dense" product), summed over every leading (token) dimension;
@@ -80,7 +80,7 @@ def _check_coords(rows, cols, n_row_blocks: int, n_col_blocks: int):
 def sdd(dy: jax.Array, x: jax.Array, rows, cols, *, block_size: int,
         backend: str = "auto", out_dtype=jnp.float32,
         interpret: bool | None = None, precision: str = "ieee") -> jax.Array:
-    """Sampled dense-dense product: the kept tiles of ``dW = dy^T x`` (ALGORITHM.md s. 4).
+    """Sampled dense-dense product: the kept tiles of ``dW = dy^T x`` (`docs/algorithm.md` §5).
 
     Args:
       dy: ``[..., out]`` output gradients.
@@ -207,7 +207,7 @@ _embedded.defvjp(_embedded_fwd, _embedded_bwd)
 def embedded_linear(x: jax.Array, w: jax.Array, tiles: jax.Array, rows, cols,
                     b: jax.Array | None = None, *, block_size: int,
                     backend: str = "auto") -> jax.Array:
-    """Linear layer with trainable tiles embedded in a frozen weight (ALGORITHM.md s. 4).
+    """Linear layer with trainable tiles embedded in a frozen weight (`docs/algorithm.md` §5).
 
     Args:
       x: ``[..., in]`` inputs (compute dtype).

@@ -3,7 +3,7 @@
 Nothing here re-implements parallelism: arrays are placed with ``jax.sharding.NamedSharding``
 on a two-axis :class:`jax.sharding.Mesh` and XLA's SPMD partitioner turns the unchanged
 single-device programs of :mod:`sylva_jax.capture` and :mod:`sylva_jax.train` into
-per-device programs with the collectives they need (ALGORITHM.md sections 1 and 4 are
+per-device programs with the collectives they need (`docs/algorithm.md` §1 and §5 are
 computed exactly as on one device; only the summation order of reductions changes).
 
 Mesh axes
@@ -368,7 +368,7 @@ def sharded_model(graphdef, params: Any, mesh: Mesh, *, block_size: int = 64) ->
 
 def preprocess(model, batches: Iterable[Mapping[str, Any]], mesh: Mesh, *, scope,
                block_size: int = 64, **kwargs):
-    """:func:`sylva_jax.capture.preprocess` on ``mesh`` (ALGORITHM.md sections 0.1, 1).
+    """:func:`sylva_jax.capture.preprocess` on ``mesh`` (`docs/algorithm.md` §1).
 
     model: ``(graphdef, params)`` from ``models.llama.split`` (params placed here by the
       weight rule; already-sharded params are used as they are).

@@ -1,4 +1,4 @@
-"""sylva_jax.adapter: static coordinates, gather / scatter, linear_fn hook (ALGORITHM.md s. 4).
+"""sylva_jax.adapter: static coordinates, gather / scatter, linear_fn hook (`docs/algorithm.md` §5).
 
 Reference: NumPy slicing of the [out, in] weights, and dense JAX autodiff for the hook.
 """

@@ -1,4 +1,4 @@
-"""sylva_jax.ops: the SDD product and embedded_linear (ALGORITHM.md section 4).
+"""sylva_jax.ops: the SDD product and embedded_linear (`docs/algorithm.md` §5).
 
 Reference: NumPy float64 for sdd, dense JAX autodiff (the weight rebuilt from the tiles)
 for embedded_linear.

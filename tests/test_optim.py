@@ -1,4 +1,4 @@
-"""sylva_jax.optim: sparse AdamW (optax path and fused Pallas step), ALGORITHM.md s. 4.
+"""sylva_jax.optim: sparse AdamW (optax path and fused Pallas step), `docs/algorithm.md` §6.
 
 Reference: ``optax.adamw`` applied to the gathered tiles as ordinary parameters.
 """
