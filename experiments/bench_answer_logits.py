@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from sylva_jax import compile_cache
 from sylva_jax import atomic  # noqa: E402
 from sylva_jax.models.llama import apply, split  # noqa: E402
 from sylva_jax.models.loading import load_pretrained  # noqa: E402
@@ -52,7 +53,9 @@ def main() -> dict:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--lengths", type=int, nargs="+", default=[256, 1024])
     ap.add_argument("--out", default=OUT)
+    compile_cache.add_argument(ap)
     args = ap.parse_args()
+    compile_cache.from_args(args)
 
     model, tok = load_pretrained("smollm2-135m")
     graphdef, params = split(model)

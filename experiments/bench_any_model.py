@@ -40,6 +40,7 @@ import numpy as np
 import optax
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from sylva_jax import compile_cache
 from sylva_jax import anymodel  # noqa: E402
 from sylva_jax import tree as tree_lib  # noqa: E402
 from sylva_jax.adapter import make_adapter  # noqa: E402
@@ -177,7 +178,9 @@ def main():
     ap.add_argument("--sparsity", type=float, default=0.95)
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
                                                   "any_model.json"))
+    compile_cache.add_argument(ap)
     args = ap.parse_args()
+    compile_cache.from_args(args)
     if args.quick:
         cfg = dict(vocab=256, dim=128, layers=1, heads=2, mlp=256)
         B, T, bs, rounds = 2, 32, 32, 3

@@ -26,6 +26,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+from sylva_jax import compile_cache
 from sylva_jax import capture, curvature, importance  # noqa: E402
 from sylva_jax import tree as tree_lib  # noqa: E402
 from sylva_jax.losses import lm_loss  # noqa: E402
@@ -101,7 +102,9 @@ def main():
     ap.add_argument("--sparsity", type=float, default=0.95)
     ap.add_argument("--scope", default="model.layers")
     ap.add_argument("--out", default=OUT)
+    compile_cache.add_argument(ap)
     args = ap.parse_args()
+    compile_cache.from_args(args)
 
     from sylva_jax.models.loading import load_pretrained
 

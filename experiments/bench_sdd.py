@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from sylva_jax import compile_cache
 from sylva_jax.ops import sdd  # noqa: E402
 
 BS = 64
@@ -87,7 +88,9 @@ def main():
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--tokens", type=int, nargs="+", default=[512, 2048])
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "sdd.json"))
+    compile_cache.add_argument(ap)
     args = ap.parse_args()
+    compile_cache.from_args(args)
 
     load_start = list(os.getloadavg())
     rng = np.random.default_rng(0)

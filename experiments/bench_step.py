@@ -48,6 +48,7 @@ import optax
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from flax import nnx  # noqa: E402
 
+from sylva_jax import compile_cache
 from sylva_jax import tree as tree_lib  # noqa: E402
 from sylva_jax.adapter import make_adapter  # noqa: E402
 from sylva_jax.lora import lora_paths, rank_for_budget  # noqa: E402
@@ -240,7 +241,9 @@ def main():
     ap.add_argument("--layers", type=int, default=SMOLLM2["num_hidden_layers"], help="decoder layers (30 = SmolLM2)")
     ap.add_argument("--pretrained", action="store_true", help="load the real SmolLM2-135M weights")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "step.json"))
+    compile_cache.add_argument(ap)
     args = ap.parse_args()
+    compile_cache.from_args(args)
     rounds = args.rounds or (5 if args.quick else 7)
     graphdef, params = pretrained_model() if args.pretrained else random_model(args.layers)
 

@@ -59,6 +59,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from sylva_jax import compile_cache
 from sylva_jax import atomic  # noqa: E402  (cheap: no jax import)
 from sylva_jax.run_cache import RunCache  # noqa: E402
 
@@ -1051,7 +1052,9 @@ def main(argv=None) -> dict:
                     help="print the full study's estimate from an existing quick result and exit")
     ap.add_argument("--report", action="store_true",
                     help="print the markdown tables of an existing (possibly unfinished) results file and exit")
+    compile_cache.add_argument(ap)
     a = ap.parse_args(argv)
+    compile_cache.from_args(a)
     mode = "quick" if a.quick else "full"
     s = settings_for(mode, data=a.data, model=a.model, scopes=a.scopes, arms=a.arms, steps=a.steps,
                      batch=a.batch, seeds=a.seeds, sweep=a.sweep, mmlu_limit=a.mmlu_limit,

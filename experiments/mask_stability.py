@@ -29,6 +29,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import compare_methods as cm  # noqa: E402
 
+from sylva_jax import compile_cache
 from sylva_jax import atomic  # noqa: E402
 
 OUT = os.path.join(os.path.dirname(__file__), "results", "mask_stability.json")
@@ -41,7 +42,9 @@ def main() -> dict:
     ap.add_argument("--scope", default="model.layers")
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=sorted(cm.TILE_SPEC))
     ap.add_argument("--out", default=OUT)
+    compile_cache.add_argument(ap)
     args = ap.parse_args()
+    compile_cache.from_args(args)
     sizes = sorted(set(args.samples))
     base = cm.settings_for("full")
     masks, calib = {}, {}

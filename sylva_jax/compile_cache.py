@@ -57,3 +57,15 @@ def enabled(cache_dir: str | os.PathLike | None = None) -> Iterator[Path]:
     finally:
         for k, v in before.items():
             jax.config.update(k, v)
+
+
+def add_argument(parser) -> None:
+    """``--no_compile_cache`` on a script's ``argparse`` parser (see :func:`from_args`)."""
+    parser.add_argument("--no_compile_cache", action="store_true",
+                        help="do not use JAX's persistent compilation cache "
+                             f"(default directory: $SYLVA_JAX_CACHE, else ~/.cache/sylva_jax/jax)")
+
+
+def from_args(args) -> Path | None:
+    """:func:`enable` unless ``args.no_compile_cache``; the directory, or None."""
+    return None if getattr(args, "no_compile_cache", False) else enable()
