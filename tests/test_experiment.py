@@ -409,3 +409,37 @@ def test_finished_run_exports_load_in_peft_and_transformers(tiny_model_dir, stra
         merged_logits = merged(ids).logits
     assert torch.max(torch.abs(peft_logits - merged_logits)) < 1e-4
     assert torch.max(torch.abs(merged_logits - base_logits)) > 1e-3
+
+
+def test_one_writer_per_run_directory_and_output_path_checked_first(tiny_model_dir, tmp_path, capsys):
+    from sylva_jax.runlock import RunLock
+
+    out = tmp_path / "run"
+    with RunLock(out):  # another launch holds the directory
+        rc, res = _run(_tiny_args(tiny_model_dir, out), capsys)
+    assert rc == 2 and f"pid {os.getpid()} on host" in res.err and "--output_dir" in res.err
+    assert [p.name for p in out.iterdir()] == [".lock"]  # nothing of the run was written
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    rc, res = _run(_tiny_args(tiny_model_dir, a_file), capsys)
+    assert rc == 2 and "is an existing file, not a directory" in res.err
+    rc, res = _run(_tiny_args(tiny_model_dir, a_file / "sub"), capsys)
+    assert rc == 2 and "parent" in res.err and "is an existing file" in res.err
+
+
+def test_relaunch_without_checkpoint_restarts_and_plain_resume_insists(tiny_model_dir, tmp_path, capsys):
+    from sylva_jax import run_dir as rd
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "args.json").write_text("{}")            # a run killed before its first checkpoint
+    (out / "metrics.jsonl").write_text('{"step": 1, "loss": 9.0}\n')
+    run = rd.RunDir(out)
+    assert rd.plan(run, resume="auto", overwrite=False) == "restart"
+    rc, res = _run(_tiny_args(tiny_model_dir, out, "--resume"), capsys)
+    assert rc == 2 and "no checkpoints to resume from" in res.err
+    rc, res = _run(_tiny_args(tiny_model_dir, out, "--max_steps", "2"), capsys)
+    assert rc == 0, res.err
+    s = _summary(out)
+    assert s["status"] == "finished" and [r["action"] for r in s["restarts"]] == ["restart"]
+    assert all(r["loss"] != 9.0 for r in map(json.loads, open(out / "metrics.jsonl")))
