@@ -69,6 +69,15 @@ def _mid_checkpoint(out: Path, within_s: float = 2.0) -> bool:
                                for p in ck.rglob("*") if p.is_dir())
 
 
+def _finished(out: Path) -> bool:
+    """Whether the run wrote its final summary (a kill can land after that, while the
+    process exits; relaunching it then is refused, as it should be)."""
+    try:
+        return json.loads((out / "summary.json").read_text()).get("status") == "finished"
+    except (OSError, ValueError):
+        return False
+
+
 def _losses(out: Path) -> list:
     with open(out / "metrics.jsonl") as f:
         return [(r["step"], r["loss"]) for r in map(json.loads, f)]
@@ -90,7 +99,7 @@ def trial(run_args: list[str], out: Path, ref: dict, kills: int, rng: random.Ran
     log_path = out.parent / f"{out.name}.log"
     record = {"kills": 0, "kills_mid_checkpoint": 0, "kill_times_s": [], "launches": 0,
               "failed_launches": 0}
-    while record["launches"] < max_launches:
+    while record["launches"] < max_launches and not _finished(out):
         proc = _launch(run_args, out, log_path)
         record["launches"] += 1
         if record["kills"] < kills:
