@@ -167,6 +167,16 @@ def _takes_logits_at(apply_fn) -> bool:
     return "logits_at" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
 
 
+def _llama():
+    from sylva_jax.models import llama
+
+    return llama
+
+
+def _default_apply():
+    return _llama().apply
+
+
 def _is_graphdef(obj) -> bool:
     try:
         from flax import nnx
@@ -272,19 +282,28 @@ def make_train_step(
             return state.params
         return jnp.zeros((), jnp.float32)  # floor: one scalar probe
 
+    def forward_loss(params, batch, linear_fn, head_hooked):
+        # our LLaMA with a plain head: the head runs fused with the loss (llama.loss), no
+        # [B, T, V] float32 logits (experiments/bench_peer.py)
+        if apply_fn is _default_apply() and not head_hooked:
+            return _llama().loss(graphdef, params, batch["input_ids"], batch.get("attention_mask"),
+                                 batch["labels"], linear_fn=linear_fn, hook_head=False)
+        return lm_loss(forward(params, batch, linear_fn), batch["labels"])
+
     def loss_of(trainable, state, batch, rng):
+        head = "lm_head.weight"
         if method == "sylva":
-            logits = forward(state.params, batch, adapter.linear_fn(trainable, **lin_kwargs))
-        elif method == "lora":
+            return forward_loss(state.params, batch, adapter.linear_fn(trainable, **lin_kwargs),
+                                head in adapter.paths)
+        if method == "lora":
             fn = lora_lib.lora_linear_fn(trainable, dropout=lora_dropout,
                                          rng=rng if lora_dropout > 0 else None,
                                          dropout_impl=lora_dropout_impl)
-            logits = forward(state.params, batch, fn)
-        elif method == "full":
-            logits = forward(trainable, batch, None)
-        else:
-            logits = forward(state.params, batch, _floor_linear_fn(trainable, probe_re))
-        return lm_loss(logits, batch["labels"])
+            return forward_loss(state.params, batch, fn, head in trainable.factors)
+        if method == "full":
+            return forward_loss(trainable, batch, None, False)
+        return forward_loss(state.params, batch, _floor_linear_fn(trainable, probe_re),
+                            bool(probe_re.search(head)))
 
     def update(state, trainable, grads):
         if method == "floor":
