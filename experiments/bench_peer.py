@@ -276,10 +276,10 @@ def bench_train(ctx, arms, rounds, warmup, profile):
             res[name].update(arm.compiled_stats(batch))
         feed = tb if isinstance(arm, TorchArm) else batch
         for _ in range(warmup):
-            res[name]["first_loss"] = arm.step(feed)
+            res[name]["warmup_loss"] = arm.step(feed)  # the last warm-up step's loss
         res[name]["ready_s"] = time.perf_counter() - t0
         live[name] = (arm, feed)
-        print(f"  {scope} {b}x{t} {name}: ready in {res[name]['ready_s']:.0f} s, loss {res[name]['first_loss']:.4f}",
+        print(f"  {scope} {b}x{t} {name}: ready in {res[name]['ready_s']:.0f} s, loss {res[name]['warmup_loss']:.4f}",
               flush=True)
     for _ in range(rounds):
         for name, (arm, feed) in live.items():
@@ -367,6 +367,7 @@ def memory_child(args):
     batch = batch_of(ctx["b"], ctx["t"])
     arm = make_arm(args.memory_child, ctx)
     feed = torch_batch(batch) if torch_arm else batch
+    ctx.clear()  # the arm owns its own copy of the weights (the state is donated)
     gc.collect()
     before = _rss_mb("VmRSS")
     try:
@@ -425,7 +426,7 @@ def build_ctx(args, scope, with_params=True):
 
 def parse_cases(text):
     out = []
-    for item in text.split(","):
+    for item in filter(None, text.split(",")):
         scope, _, size = item.strip().partition(":")
         b, _, t = size.partition("x")
         out.append((scope, int(b), int(t)))
@@ -444,6 +445,7 @@ def main():
     ap.add_argument("--pretrained", action="store_true")
     ap.add_argument("--layers", type=int, default=SMOLLM2["num_hidden_layers"], help="decoder layers (smoke runs)")
     ap.add_argument("--model_dir", default=None, help="where the HF export goes (default: a temp dir)")
+    ap.add_argument("--append", action="store_true", help="merge into an existing --out (re-measured cases replace)")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "peer.json"))
     ap.add_argument("--memory_child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--memory_child_scope", default="model.layers", help=argparse.SUPPRESS)
@@ -471,6 +473,13 @@ def main():
                    "cpu_over_wall = process CPU seconds / wall seconds per step (2.0 = both cores busy)",
            "cases": [], "scoring": None, "memory": None, "loadavg_start": os.getloadavg()}
 
+    if args.append and os.path.exists(args.out):  # keep what this run does not redo
+        with open(args.out) as f:
+            old = json.load(f)
+        out["_old_cases"] = old.get("cases", [])
+        out.update(cases=old.get("cases", []), scoring=old.get("scoring"), memory=old.get("memory"),
+                   earlier_loadavg_start=old.get("loadavg_start"))
+
     def save():
         with atomic_open(args.out, "w") as f:
             json.dump(out, f, indent=1)
@@ -480,6 +489,10 @@ def main():
         ctx = build_ctx(args, scope)
         ctx.update(b=b, t=t)
         case = bench_train(ctx, arms, args.rounds, args.warmup, args.profile and i == 0)
+        out["cases"] = [c for c in out["cases"] if (c["scope"], c["batch"], c["tokens"]) != (scope, b, t)]
+        if args.append:  # a re-measured case keeps the earlier run's profile when it took none
+            case.setdefault("profile", next((c.get("profile") for c in out.get("_old_cases", [])
+                                             if (c["scope"], c["batch"], c["tokens"]) == (scope, b, t)), None))
         out["cases"].append(case)
         save()
         print(json.dumps({"scope": scope, "tokens": f"{b}x{t}",
@@ -496,6 +509,7 @@ def main():
         out["memory"] = bench_memory(args, "model.layers", 1, 512, ["sylva", "peft_lora"])
         save()
     out["loadavg_end"] = os.getloadavg()
+    out.pop("_old_cases", None)
     save()
 
 
