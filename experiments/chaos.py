@@ -2,10 +2,11 @@
 
 A preemptible cluster job is killed without warning (``SIGKILL``) and relaunched with the
 same command. This script does that to ``experiments/oasst_mmlu.py``: one uninterrupted
-reference run, then ``--trials`` runs that are each killed ``--kills`` times at moments
-drawn uniformly over the reference run's wall time (so some kills land during
-calibration, some during training steps, some while a checkpoint is written) and
-relaunched unchanged until they finish. A trial passes when its final weights
+reference run, then ``--trials`` runs that are each killed ``--kills`` times at random
+moments, half drawn over the reference run's whole wall time (start-up, calibration, the
+first evaluation), half within its training phase (steps, evaluations and checkpoint
+writes: the tiny run saves a checkpoint after every update), and relaunched unchanged
+until they finish. A trial passes when its final weights
 (``summary.json``'s ``params_sha256``) and its per-step losses equal the reference's bit
 for bit. Counts go to ``experiments/results/chaos.json``.
 
@@ -83,30 +84,67 @@ def _losses(out: Path) -> list:
         return [(r["step"], r["loss"]) for r in map(json.loads, f)]
 
 
+def _first_step_s(proc: subprocess.Popen, log_path: Path, offset: int, t0: float) -> float | None:
+    """Seconds from ``t0`` until this launch logs its first training step (a line with
+    `` loss ``), or None when the process ends first."""
+    while proc.poll() is None:
+        with open(log_path, "rb") as f:
+            f.seek(offset)
+            if b" loss " in f.read():
+                return time.perf_counter() - t0
+        time.sleep(0.05)
+    return None
+
+
 def reference(run_args: list[str], out: Path) -> dict:
+    """One uninterrupted run: its wall time, the time its training phase took, its weights'
+    hash and its losses."""
+    log_path = out.parent / f"{out.name}.log"
     t0 = time.perf_counter()
-    proc = _launch(run_args, out, out.parent / f"{out.name}.log")
+    proc = _launch(run_args, out, log_path)
+    first = _first_step_s(proc, log_path, 0, t0)
     if proc.wait() != 0:
-        raise SystemExit(f"the reference run failed (rc {proc.returncode}); see {out.parent / out.name}.log")
+        raise SystemExit(f"the reference run failed (rc {proc.returncode}); see {log_path}")
+    wall = time.perf_counter() - t0
     summary = json.loads((out / "summary.json").read_text())
-    return {"wall_s": time.perf_counter() - t0, "sha": summary["params_sha256"], "losses": _losses(out)}
+    return {"wall_s": wall, "train_s": wall - (first or 0.0), "sha": summary["params_sha256"],
+            "losses": _losses(out)}
+
+
+def _kill_moment(proc, log_path: Path, offset: int, t0: float, ref: dict, rng: random.Random):
+    """Sleep until a random moment of this launch: half the time anywhere over the
+    reference's wall time, half the time within its training phase (steps and checkpoint
+    writes), counted from this launch's first step. Returns the seconds since launch, or
+    None if the process ended first."""
+    if rng.random() < 0.5:
+        at = rng.uniform(0.1, 0.95) * ref["wall_s"]
+    else:
+        first = _first_step_s(proc, log_path, offset, t0)
+        if first is None:
+            return None
+        at = first + rng.uniform(0.0, 0.9) * ref["train_s"]
+    try:
+        proc.wait(timeout=max(at - (time.perf_counter() - t0), 0.0))
+        return None
+    except subprocess.TimeoutExpired:
+        return at
 
 
 def trial(run_args: list[str], out: Path, ref: dict, kills: int, rng: random.Random,
           max_launches: int = 20) -> dict:
-    """Kill ``kills`` times at uniform moments over the reference's wall time, relaunching
-    the same command each time, then let it finish; the trial's record."""
+    """Kill ``kills`` times at random moments (:func:`_kill_moment`), relaunching the same
+    command each time, then let it finish; the trial's record."""
     log_path = out.parent / f"{out.name}.log"
     record = {"kills": 0, "kills_mid_checkpoint": 0, "kill_times_s": [], "launches": 0,
               "failed_launches": 0}
     while record["launches"] < max_launches and not _finished(out):
+        offset = log_path.stat().st_size if log_path.exists() else 0
+        t0 = time.perf_counter()
         proc = _launch(run_args, out, log_path)
         record["launches"] += 1
         if record["kills"] < kills:
-            at = rng.uniform(0.1, 0.95) * ref["wall_s"]
-            try:
-                proc.wait(timeout=at)
-            except subprocess.TimeoutExpired:
+            at = _kill_moment(proc, log_path, offset, t0, ref, rng)
+            if at is not None:
                 mid = _mid_checkpoint(out)
                 proc.send_signal(signal.SIGKILL)
                 proc.wait()
@@ -183,7 +221,8 @@ def main(argv: list[str] | None = None) -> int:
         trials.append(rec)
     timing = None if args.no_timing else compile_cache_effect(run_args, work / "timing")
     result = {
-        "run_args": run_args, "reference_wall_s": ref["wall_s"], "trials": trials,
+        "run_args": run_args, "reference_wall_s": ref["wall_s"], "reference_train_s": ref["train_s"],
+        "trials": trials,
         "restart_to_first_step": timing,
         "counts": {
             "trials": len(trials),

@@ -370,6 +370,23 @@ def _resolve_model(model_or_graphdef, apply_fn):
     return graphdef, apply_fn, params
 
 
+def _default_loss_fn(graphdef, apply_fn, spec: Method) -> Callable | None:
+    """Our LLaMA with a method that leaves the LM head alone: the head runs fused with the
+    cross-entropy (:func:`sylva_jax.models.llama.loss`: no ``[B, T, V]`` float32 logits).
+    Anything else: ``None``, the token-mean ``lm_loss`` of the logits (:func:`lm_loss_fn`)."""
+    from sylva_jax.models import llama
+
+    if apply_fn is not llama.apply or spec.adapts is None:
+        return None
+    hook_head = bool(spec.adapts("lm_head.weight"))
+
+    def loss_fn(params, batch, linear_fn):
+        return llama.loss(graphdef, params, batch["input_ids"], batch.get("attention_mask"),
+                          batch["labels"], linear_fn=linear_fn, hook_head=hook_head)
+
+    return loss_fn
+
+
 def _takes_logits_at(apply_fn) -> bool:
     """Whether ``apply_fn`` accepts ``logits_at=`` (ours does; a custom one may not)."""
     try:
@@ -519,7 +536,9 @@ def make_train_step(
         ``"scan"`` (one jitted step) or ``"loop"`` (jitted micro-steps, same numbers).
       apply_fn: ``apply(graphdef, params, input_ids, attention_mask, *, linear_fn) ->
         logits [B, T, V]``; default ``sylva_jax.models.llama.apply``.
-      loss_fn: see :func:`make_step` (default: token-mean ``lm_loss``).
+      loss_fn: see :func:`make_step`; default: with our LLaMA and a method that leaves the
+        LM head alone, the head fused with the cross-entropy (``llama.loss``), else the
+        token-mean ``lm_loss`` of the logits.
       donate: donate the state to the jitted step (default; the old state is invalid after).
     """
     spec = _method_of(method, adapter=adapter, backend=backend, scope=scope, lora_rank=lora_rank,
@@ -536,6 +555,8 @@ def make_train_step(
             total_steps=total_steps, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
     if max_grad_norm is not None:
         optimizer = optax.chain(optax.clip_by_global_norm(float(max_grad_norm)), optimizer)
+    if loss_fn is None:
+        loss_fn = _default_loss_fn(graphdef, apply_fn, spec)
     core = make_step(apply, spec, optimizer, accum_steps=accum_steps, accum_reduction=accum_reduction,
                      schedule=sched, loss_fn=loss_fn)
     return _trainer(core, apply, model_params, accum_mode=accum_mode, accum_reduction=accum_reduction,

@@ -404,3 +404,39 @@ def test_logits_at_equals_the_full_logits_at_those_positions(tied):
     assert heads == [(ids.shape[0], 1, config.hidden_size)]
     with pytest.raises(ValueError, match="logits_at must be one integer position per row"):
         apply(graphdef, params, ids, mask, logits_at=pos[:1])
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_loss_with_fused_head_matches_the_logits_path(tied):
+    """``llama.loss`` (head fused with the cross-entropy) = ``lm_loss(apply(...))`` in value
+    and in every parameter gradient; with a hook on the layers only, and with the head hooked."""
+    from sylva_jax.losses import lm_loss
+    from sylva_jax.models.llama import loss
+
+    config = tiny(tie_word_embeddings=tied)
+    graphdef, params = split(randomized(config))
+    ids, mask = batch(config.vocab_size)
+    labels = jnp.where(jnp.asarray(mask) > 0, ids, -100)
+    seen = []
+
+    def spy(name, x, w, b):
+        seen.append(name)
+        return dense_linear(name, x, 1.5 * w, b)  # a hook that changes every layer it sees
+
+    ref_fn = lambda p, fn: lm_loss(apply(graphdef, p, ids, mask, linear_fn=fn), labels)  # noqa: E731
+    for fn, hook_head in ((None, None), (spy, False), (spy, True)):
+        def ref(p):
+            if fn is None or hook_head:
+                return ref_fn(p, fn)
+            # hook on the decoder layers only, the head plain
+            return ref_fn(p, lambda n, x, w, b: dense_linear(n, x, w, b) if n == "lm_head.weight" else fn(n, x, w, b))
+        want, g_want = jax.value_and_grad(ref)(params)
+        seen.clear()
+        got, g_got = jax.value_and_grad(lambda p: loss(graphdef, p, ids, mask, labels, linear_fn=fn,
+                                                       hook_head=hook_head, chunk_size=5))(params)
+        assert ("lm_head.weight" in seen) == bool(hook_head)
+        np.testing.assert_allclose(float(got), float(want), rtol=1e-6)
+        for (name, a), b in zip(tree.flatten(g_got).items(), tree.flatten(g_want).values()):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6, err_msg=name)
+    with pytest.raises(ValueError, match="needs labels"):
+        loss(graphdef, params, ids, mask)

@@ -55,6 +55,9 @@ class Method(NamedTuple):
     in_place: True when ``apply_updates`` writes into buffers that the backward also reads
       (Sylva's scatter into the weights): the step then orders every read of the old
       weights before the first write, so XLA needs no copy of any weight.
+    adapts: ``name -> bool``: whether the training hook changes the product of the weight
+      ``name`` (``None``: unknown). A method that leaves ``"lm_head.weight"`` alone lets
+      the step fuse the LM head with the cross-entropy (:func:`sylva_jax.models.llama.loss`).
     """
 
     name: str
@@ -67,6 +70,7 @@ class Method(NamedTuple):
     num_trainable: Callable[[Any, Any], int]
     adamw: Callable[..., optax.GradientTransformation]
     in_place: bool = False
+    adapts: Optional[Callable[[str], bool]] = None
 
 
 def decay_mask(tree: Any) -> Any:

@@ -20,4 +20,5 @@ def full() -> Method:
         merge=lambda params, extras: params,
         num_trainable=lambda params, extras: count_leaves(params),
         adamw=masked_adamw,
+        adapts=lambda name: False,  # no hook: the trained weights are the forward's params
     )

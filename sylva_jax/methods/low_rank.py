@@ -10,6 +10,7 @@ import optax
 
 from sylva_jax import lora as lora_lib
 from sylva_jax.methods.base import Method, masked_adamw
+from sylva_jax.scope import match_scope
 
 __all__ = ["lora"]
 
@@ -42,6 +43,14 @@ def lora(*, scope="self_attn", rank: int = 16, alpha: float = 32.0, dropout: flo
         merge=lora_lib.merge_lora,
         num_trainable=lambda params, factors: lora_lib.num_lora_params(factors),
         adamw=masked_adamw,
+        adapts=lambda name: _in_scope(scope, name),
     )
+
+
+def _in_scope(scope, name: str) -> bool:
+    try:
+        return bool(match_scope(scope, [name]))
+    except ValueError:  # match_scope refuses a scope that selects nothing
+        return False
 
 

@@ -39,4 +39,5 @@ def sylva(adapter, *, backend: str | None = None) -> Method:
         num_trainable=lambda params, extras: int(adapter.num_trainable),
         adamw=sparse_adamw,
         in_place=True,
+        adapts=lambda name: name in adapter.paths,
     )

@@ -16,7 +16,7 @@ and the LM head -- calls ``linear_fn(name, x, w, b)`` with ``name`` its weight p
 ``x: [..., in]`` in the compute dtype, ``w: [out, in]`` as stored (parameter dtype) and
 ``b: [out]`` or ``None``; the result ``[..., out]`` is cast to the compute dtype (float32
 for the head). For a tied head the name is ``"lm_head.weight"`` and ``w`` is the
-embedding matrix ``[vocab, hidden]``. This is ALGORITHM.md's notation (``y = x W^T + b``,
+embedding matrix ``[vocab, hidden]``. This is the notation of `docs/algorithm.md` (``y = x W^T + b``,
 ``W [out, in]``); the embedded sparse linear of its section 4 plugs in through this hook.
 
 Position ids: by default ``position = clip(cumsum(attention_mask) - 1, 0)`` per row, so a
@@ -39,6 +39,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from sylva_jax.losses import HEAD_CHUNK, lm_head_loss, lm_loss
+
 __all__ = [
     "LlamaConfig",
     "LlamaForCausalLM",
@@ -48,6 +50,7 @@ __all__ = [
     "split",
     "merge",
     "apply",
+    "loss",
     "init_cache",
     "forward_with_cache",
     "generate",
@@ -578,8 +581,25 @@ class LlamaForCausalLM(nnx.Module):
         logits, _ = self._forward(input_ids, attention_mask, linear_fn, position_ids, None, logits_at)
         return logits
 
+    def hidden_states(self, input_ids: jax.Array, attention_mask: jax.Array | None = None, *,
+                      linear_fn: LinearFn | None = None, position_ids: jax.Array | None = None):
+        """The final normed hidden states ``[B, T, hidden]`` (compute dtype) and the LM head.
+
+        Returns ``(h, w, name)``: ``w [vocab, hidden]`` is the head weight (the embedding
+        matrix when tied) and ``name`` its hook name, so that ``linear_fn(name, h, w, None)``
+        (or ``h @ w.T``) gives the logits of :meth:`__call__`.
+        """
+        h, _ = self._forward(input_ids, attention_mask, linear_fn, position_ids, None, head=False)
+        w, name = self._head_weight()
+        return h, w, name
+
+    def _head_weight(self):
+        if self.lm_head is None:
+            return self.model.embed_tokens.weight[...], "lm_head.weight"
+        return self.lm_head.weight[...], self.lm_head.weight_name
+
     def _forward(self, input_ids, attention_mask, linear_fn, position_ids, cache: KVCache | None,
-                 logits_at: jax.Array | None = None):
+                 logits_at: jax.Array | None = None, head: bool = True):
         c = self.config
         input_ids = jnp.asarray(input_ids)
         if input_ids.ndim != 2 or not jnp.issubdtype(input_ids.dtype, jnp.integer):
@@ -633,10 +653,9 @@ class LlamaForCausalLM(nnx.Module):
                                  f"got {logits_at.dtype} {logits_at.shape}")
             h = h[jnp.arange(B), logits_at][:, None]  # [B, 1, D]: the norm and head are per token
         h = self.model.norm(h)
-        if self.lm_head is None:
-            w, name = self.model.embed_tokens.weight[...], "lm_head.weight"
-        else:
-            w, name = self.lm_head.weight[...], self.lm_head.weight_name
+        if not head:
+            return h, None
+        w, name = self._head_weight()
         if linear_fn is None:
             logits = dense_linear(name, h, w, None, out_dtype=jnp.float32)
         else:
@@ -684,6 +703,31 @@ def apply(graphdef, params, input_ids, attention_mask=None, *, linear_fn: Linear
     see :meth:`LlamaForCausalLM.__call__`); jittable, differentiable in ``params``."""
     return merge(graphdef, params)(input_ids, attention_mask, linear_fn=linear_fn,
                                    position_ids=position_ids, logits_at=logits_at)
+
+
+def loss(graphdef, params, input_ids, attention_mask=None, labels=None, *,
+         linear_fn: LinearFn | None = None, position_ids=None, hook_head: bool | None = None,
+         chunk_size: int = HEAD_CHUNK) -> jax.Array:
+    """Token-mean causal LM loss (float32 scalar): ``lm_loss(apply(...), labels)``.
+
+    ``labels [B, T]`` follow :mod:`sylva_jax.losses` (shift inside, ``-100`` ignored). The
+    decoder layers call ``linear_fn`` as in :func:`apply`. The LM head goes through the hook
+    too when ``hook_head`` is true (default: whenever a ``linear_fn`` is given); otherwise
+    the head is the plain product fused with the cross-entropy
+    (:func:`sylva_jax.losses.lm_head_loss`, ``chunk_size`` positions at a time), which never
+    holds ``[B, T, vocab]`` logits. Pass ``hook_head=False`` when the hook leaves the head
+    unchanged (it does not adapt ``"lm_head.weight"``).
+    """
+    if labels is None:
+        raise ValueError("llama.loss needs labels [B, T] (input_ids shifted inside; -100 = no loss)")
+    model = merge(graphdef, params)
+    if hook_head is None:
+        hook_head = linear_fn is not None
+    if hook_head:
+        logits = model(input_ids, attention_mask, linear_fn=linear_fn, position_ids=position_ids)
+        return lm_loss(logits, labels)
+    h, w, _ = model.hidden_states(input_ids, attention_mask, linear_fn=linear_fn, position_ids=position_ids)
+    return lm_head_loss(h, w, labels, chunk_size=chunk_size)
 
 
 def init_cache(config: LlamaConfig, batch: int, max_len: int, dtype=None) -> KVCache:
