@@ -111,13 +111,15 @@ def reference(run_args: list[str], out: Path) -> dict:
             "losses": _losses(out)}
 
 
-def _kill_moment(proc, log_path: Path, offset: int, t0: float, ref: dict, rng: random.Random):
-    """Sleep until a random moment of this launch: half the time anywhere over the
-    reference's wall time, half the time within its training phase (steps and checkpoint
-    writes), counted from this launch's first step. Returns the seconds since launch, or
-    None if the process ended first."""
-    if rng.random() < 0.5:
-        at = rng.uniform(0.1, 0.95) * ref["wall_s"]
+def _kill_moment(proc, out: Path, log_path: Path, offset: int, t0: float, ref: dict, rng: random.Random,
+                 window: str = "mixed"):
+    """Sleep until a random moment of this launch: anywhere over the reference's wall time,
+    or within its training phase (steps and checkpoint writes) counted from this launch's
+    first step; ``window`` ``"mixed"`` picks either at random, ``"training"`` the second.
+    Returns the seconds since launch, or None if the process ended (or finished its run)
+    first: a finished run is never killed, since its relaunch is refused by design."""
+    if window == "mixed" and rng.random() < 0.5:
+        at = rng.uniform(0.1, 0.9) * ref["wall_s"]
     else:
         first = _first_step_s(proc, log_path, offset, t0)
         if first is None:
@@ -127,11 +129,11 @@ def _kill_moment(proc, log_path: Path, offset: int, t0: float, ref: dict, rng: r
         proc.wait(timeout=max(at - (time.perf_counter() - t0), 0.0))
         return None
     except subprocess.TimeoutExpired:
-        return at
+        return None if _finished(out) else at
 
 
 def trial(run_args: list[str], out: Path, ref: dict, kills: int, rng: random.Random,
-          max_launches: int = 20) -> dict:
+          window: str = "mixed", max_launches: int = 20) -> dict:
     """Kill ``kills`` times at random moments (:func:`_kill_moment`), relaunching the same
     command each time, then let it finish; the trial's record."""
     log_path = out.parent / f"{out.name}.log"
@@ -143,7 +145,7 @@ def trial(run_args: list[str], out: Path, ref: dict, kills: int, rng: random.Ran
         proc = _launch(run_args, out, log_path)
         record["launches"] += 1
         if record["kills"] < kills:
-            at = _kill_moment(proc, log_path, offset, t0, ref, rng)
+            at = _kill_moment(proc, out, log_path, offset, t0, ref, rng, window)
             if at is not None:
                 mid = _mid_checkpoint(out)
                 proc.send_signal(signal.SIGKILL)
@@ -203,6 +205,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kills", type=int, default=3, help="kills per trial")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=str(REPO / "experiments" / "results" / "chaos.json"))
+    p.add_argument("--window", choices=("mixed", "training"), default="mixed",
+                   help="when kills land: anywhere or in the training phase (mixed), or only in "
+                        "the training phase (steps, evaluations, checkpoint writes)")
     p.add_argument("--no_timing", action="store_true",
                    help="skip the restart-to-first-step measurement (with and without the cache)")
     p.add_argument("--workdir", default=None, help="where the runs go (default: a temporary directory)")
@@ -216,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     ref = reference(run_args, work / "reference")
     trials = []
     for i in range(args.trials):
-        rec = trial(run_args, work / f"trial{i}", ref, args.kills, rng)
+        rec = trial(run_args, work / f"trial{i}", ref, args.kills, rng, args.window)
         print(json.dumps({"trial": i, **rec}), flush=True)
         trials.append(rec)
     timing = None if args.no_timing else compile_cache_effect(run_args, work / "timing")
