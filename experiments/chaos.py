@@ -119,12 +119,12 @@ def _kill_moment(proc, out: Path, log_path: Path, offset: int, t0: float, ref: d
     Returns the seconds since launch, or None if the process ended (or finished its run)
     first: a finished run is never killed, since its relaunch is refused by design."""
     if window == "mixed" and rng.random() < 0.5:
-        at = rng.uniform(0.1, 0.9) * ref["wall_s"]
+        at = rng.uniform(0.1, 0.75) * ref["wall_s"]
     else:
         first = _first_step_s(proc, log_path, offset, t0)
         if first is None:
             return None
-        at = first + rng.uniform(0.0, 0.9) * ref["train_s"]
+        at = first + rng.uniform(0.0, 0.6) * ref["train_s"]
     try:
         proc.wait(timeout=max(at - (time.perf_counter() - t0), 0.0))
         return None
