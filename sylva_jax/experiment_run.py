@@ -405,14 +405,19 @@ def export(cfg: ExperimentConfig, run: rd.RunDir, devices: Devices, built: Built
     extras = devices.host(best_state.extras) if cfg.method == "lora" else None
     if not devices.primary:
         return {}
-    if cfg.method == "sylva":
-        path = ckpt_lib.save_adapter(run.adapter, built.adapter, best_params)
-        log(f"adapter (best step {outcome.best['step']}) saved to {path}")
-    paths = export_lib.export_run(
-        run.root, cfg.method, built.graphdef, best_params, extras=extras, adapter=built.adapter,
-        base_tiles=built.base_tiles, tokenizer=tok, base_name_or_path=cfg.model_name_or_path,
-        lora_dropout=cfg.lora_dropout, peft=not cfg.no_export_peft,
-        merged=not cfg.no_export_merged, log=log)
+    try:
+        if cfg.method == "sylva":
+            path = ckpt_lib.save_adapter(run.adapter, built.adapter, best_params)
+            log(f"adapter (best step {outcome.best['step']}) saved to {path}")
+        paths = export_lib.export_run(
+            run.root, cfg.method, built.graphdef, best_params, extras=extras, adapter=built.adapter,
+            base_tiles=built.base_tiles, tokenizer=tok, base_name_or_path=cfg.model_name_or_path,
+            lora_dropout=cfg.lora_dropout, peft=not cfg.no_export_peft,
+            merged=not cfg.no_export_merged, log=log)
+    except OSError as e:  # a full disk: the run is not marked finished, so a relaunch exports again
+        raise ckpt_lib.CheckpointWriteError(
+            f"could not write the exports under {run.root}: {e.strerror or e}. Free disk space and "
+            "relaunch the same command: it resumes from the last checkpoint and exports again") from e
     return {"exports": {k: str(v) if v is not None else None for k, v in paths.items()}}
 
 

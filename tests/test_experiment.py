@@ -443,3 +443,27 @@ def test_relaunch_without_checkpoint_restarts_and_plain_resume_insists(tiny_mode
     s = _summary(out)
     assert s["status"] == "finished" and [r["action"] for r in s["restarts"]] == ["restart"]
     assert all(r["loss"] != 9.0 for r in map(json.loads, open(out / "metrics.jsonl")))
+
+
+def test_failed_export_write_is_an_error_and_a_relaunch_exports(tiny_model_dir, tmp_path, capsys,
+                                                                 monkeypatch):
+    import errno
+
+    from sylva_jax import export
+
+    out = tmp_path / "run"
+    real = export.export_run
+
+    def full_disk(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(export, "export_run", full_disk)
+    rc, res = _run(_tiny_args(tiny_model_dir, out, "--max_steps", "2"), capsys)
+    assert rc == 1 and "could not write the exports" in res.err and "No space left" in res.err
+    assert not (out / "summary.json").exists()           # not finished: the relaunch continues
+    monkeypatch.setattr(export, "export_run", real)
+    rc, res = _run(_tiny_args(tiny_model_dir, out, "--max_steps", "2"), capsys)
+    assert rc == 0, res.err
+    s = _summary(out)
+    assert s["status"] == "finished" and [r["action"] for r in s["restarts"]] == ["resume"]
+    assert (out / "merged" / "config.json").exists() and (out / "peft_adapter").is_dir()
