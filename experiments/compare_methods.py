@@ -140,18 +140,8 @@ def log(msg: str) -> None:
     print(f"[compare_methods {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def _json_default(o):
-    if isinstance(o, np.integer):
-        return int(o)
-    if isinstance(o, np.floating):
-        return float(o)
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    return str(o)
-
-
 def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic.write_json(path, obj, indent=1, default=_json_default)
+    atomic.write_json(path, obj, indent=1, default=atomic.json_default)
 
 
 def atomic_savez(path: Path, arrays: dict) -> None:

@@ -14,7 +14,21 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-__all__ = ["atomic_open", "write_json", "write_text"]
+__all__ = ["atomic_open", "write_json", "write_text", "json_default"]
+
+
+def json_default(o: Any) -> Any:
+    """``json.dump``'s ``default``: NumPy integers, floats and arrays as numbers and lists,
+    anything else as its ``str``."""
+    import numpy as np
+
+    if isinstance(o, np.integer):
+        return int(o)
+    if isinstance(o, np.floating):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    return str(o)
 
 
 @contextlib.contextmanager

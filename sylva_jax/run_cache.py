@@ -25,16 +25,6 @@ from sylva_jax import atomic
 __all__ = ["RunCache"]
 
 
-def _json_default(o):
-    if isinstance(o, np.integer):
-        return int(o)
-    if isinstance(o, np.floating):
-        return float(o)
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    return str(o)
-
-
 class RunCache:
     """Finished runs under ``root`` (created on the first save), keyed by file-name-safe
     ``name`` strings (no ``/``)."""
@@ -64,7 +54,7 @@ class RunCache:
         """Rewrite the record of a stored run (e.g. with evaluation results added)."""
         _, js = self._files(name)
         atomic.write_json(js, {**record, "snap_steps": [int(s) for s in snap_steps]}, indent=1,
-                          default=_json_default)
+                          default=atomic.json_default)
 
     def record(self, name: str) -> tuple[dict, list[int]] | None:
         """``(record, snap_steps)`` of a stored run, or ``None`` if it is not (completely) stored."""

@@ -31,7 +31,6 @@ import socket
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 
 from sylva_jax import atomic
 from sylva_jax.experiment_config import RESUME_MODES, ExperimentError
@@ -200,24 +199,14 @@ def check_resume_settings(run: RunDir, settings: dict[str, Any]) -> None:
             + ". Resume with the same flags, or start a new run")
 
 
-def _json_default(o):
-    if isinstance(o, np.integer):
-        return int(o)
-    if isinstance(o, np.floating):
-        return float(o)
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    return str(o)
-
-
 def to_json(obj: Any) -> str:
     """One-line JSON; NumPy scalars and arrays as numbers and lists, anything else as str."""
-    return json.dumps(obj, default=_json_default)
+    return json.dumps(obj, default=atomic.json_default)
 
 
 def write_json(path: Path, obj: Any) -> None:
     """``obj`` as indented JSON (keys sorted), atomically."""
-    atomic.write_json(path, obj, indent=2, default=_json_default)
+    atomic.write_json(path, obj, indent=2, default=atomic.json_default)
 
 
 def append_jsonl(path: Path, rec: dict) -> None:
