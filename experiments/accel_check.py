@@ -51,7 +51,6 @@ import numpy as np  # noqa: E402
 from jax.experimental import topologies  # noqa: E402
 from jax.sharding import Mesh, NamedSharding, PartitionSpec  # noqa: E402
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from sylva_jax import ops, optim  # noqa: E402
 from sylva_jax.atomic import write_json  # noqa: E402
 from sylva_jax.kernels.platform import KernelRefused  # noqa: E402

@@ -20,14 +20,12 @@ import argparse
 import os
 import platform
 import statistics
-import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from sylva_jax import compile_cache
 from sylva_jax import atomic  # noqa: E402
 from sylva_jax.models.llama import apply, split  # noqa: E402

@@ -30,7 +30,6 @@ import json
 import os
 import platform
 import statistics
-import sys
 import time
 
 import flax.linen as nn
@@ -39,7 +38,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from sylva_jax import compile_cache
 from sylva_jax import anymodel  # noqa: E402
 from sylva_jax import tree as tree_lib  # noqa: E402

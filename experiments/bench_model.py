@@ -21,14 +21,12 @@ import json
 import os
 import platform
 import statistics
-import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from sylva_jax.losses import lm_loss  # noqa: E402
 from sylva_jax.models.llama import apply, split  # noqa: E402
 from sylva_jax.models.loading import load_pretrained  # noqa: E402

@@ -51,13 +51,12 @@ import jax.numpy as jnp
 import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, ".."))
-sys.path.insert(0, HERE)
-from bench_step import SMOLLM2, batch_of, lora_rank_for, random_masks, random_model  # noqa: E402
+from bench_step import SMOLLM2, batch_of, random_masks, random_model  # noqa: E402
 
 from sylva_jax.adapter import make_adapter  # noqa: E402
 from sylva_jax.atomic import atomic_open  # noqa: E402
 from sylva_jax.models import llama  # noqa: E402
+from sylva_jax.lora import rank_for_budget  # noqa: E402
 from sylva_jax.train import make_train_step  # noqa: E402
 
 TARGETS = {"model.layers": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
@@ -419,7 +418,7 @@ def build_ctx(args, scope, with_params=True):
         graphdef, params = llama.split(nnx.eval_shape(lambda: llama.LlamaForCausalLM(cfg, rngs=nnx.Rngs(0))))
         masks, adapter = random_masks(params, scope), None
         n_tiles = int(sum(m.sum() for m in masks.values()))
-    rank = lora_rank_for(params, scope, n_tiles * 64 * 64)
+    rank = rank_for_budget(params, scope, n_tiles * 64 * 64)
     return {"graphdef": graphdef, "params": params if with_params else None, "path": args.model_dir,
             "scope": scope, "adapter": adapter, "rank": rank, "n_tiles": n_tiles}
 

@@ -17,14 +17,12 @@ import json
 import os
 import platform
 import statistics
-import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from sylva_jax import compile_cache
 from sylva_jax import capture, curvature, importance  # noqa: E402

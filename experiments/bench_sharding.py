@@ -17,7 +17,6 @@ import dataclasses
 import json
 import os
 import platform
-import sys
 import time
 
 if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
@@ -27,7 +26,6 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from sylva_jax import sharding  # noqa: E402
 from sylva_jax import tree as tree_lib  # noqa: E402

@@ -37,7 +37,6 @@ import os
 import platform
 import re
 import statistics
-import sys
 import time
 
 import jax
@@ -45,7 +44,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from flax import nnx  # noqa: E402
 
 from sylva_jax import compile_cache

@@ -57,7 +57,6 @@ from typing import Any, Callable
 import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
 from sylva_jax import compile_cache
 from sylva_jax import atomic  # noqa: E402  (cheap: no jax import)

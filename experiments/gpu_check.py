@@ -39,7 +39,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from sylva_jax import ops, optim  # noqa: E402
 from sylva_jax.atomic import write_json  # noqa: E402
 

@@ -14,13 +14,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sys
 import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 BS = 16
 SCOPE = "self_attn"
