@@ -28,8 +28,6 @@ import contextlib
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -37,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sylva_jax import atomic
 from sylva_jax import tree as tree_lib
 from sylva_jax.inputs import reading
 
@@ -391,21 +390,9 @@ def save_adapter(path: str | os.PathLike, adapter, params: Any, *,
         "dtypes": dtypes,
         "base_fingerprint": base_fingerprint or fingerprint(params, adapter),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
+    with atomic.atomic_dir(path) as tmp:
         save_file(arrays, str(tmp / _TILES), metadata={"format": ADAPTER_FORMAT})
         (tmp / _META).write_text(json.dumps(meta, indent=1))
-        if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
 
 

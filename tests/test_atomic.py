@@ -31,3 +31,23 @@ def test_write_replaces_and_failure_keeps_the_old_file(tmp_path):
     with pytest.raises(ValueError, match="mode"):
         with atomic.atomic_open(q, "a"):
             pass
+
+
+def test_atomic_dir_replaces_whole_or_not_at_all(tmp_path):
+    import pytest
+
+    from sylva_jax.atomic import atomic_dir
+
+    target = tmp_path / "out"
+    with atomic_dir(target) as tmp:
+        (tmp / "a.txt").write_text("one")
+    assert (target / "a.txt").read_text() == "one"
+    with pytest.raises(RuntimeError):
+        with atomic_dir(target) as tmp:
+            (tmp / "a.txt").write_text("two")
+            raise RuntimeError("crash while writing")
+    assert (target / "a.txt").read_text() == "one"            # the old directory is intact
+    with atomic_dir(target) as tmp:
+        (tmp / "b.txt").write_text("three")
+    assert sorted(p.name for p in target.iterdir()) == ["b.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]   # no temporary left behind

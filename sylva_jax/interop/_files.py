@@ -11,12 +11,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 import numpy as np
+
+from sylva_jax import atomic
 
 PEFT_PREFIX = "base_model.model."
 CONFIG_FILE = "adapter_config.json"
@@ -54,24 +54,8 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         if any(path.iterdir()) and not any((path / n).is_file() for n in _OURS):
             raise FileExistsError(f"{path} is a non-empty directory that is not an export (no {' or '.join(_OURS)}); "
                                   "refusing to replace it: choose a new or empty output directory")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
+    with atomic.atomic_dir(path) as tmp:
         yield tmp
-        for f in tmp.rglob("*"):
-            if f.is_file():
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
-        if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
-            os.replace(path, old / path.name)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def write_adapter(directory: Path, config: Mapping[str, Any], tensors: Mapping[str, Any], *,
