@@ -185,6 +185,11 @@ class TileLayout:
                 raise ValueError(f"mask for {path!r} has shape {m.shape}; the layout needs "
                                  f"{self.grid(path)} ([out // bs, in // bs])")
             rows, cols = np.nonzero(m.astype(bool))
+            if rows.size != self._counts[path]:
+                raise ValueError(
+                    f"mask for {path!r} selects {rows.size} tiles but the layout has k = "
+                    f"{self._counts[path]} there; every arm of one layout trains the same number "
+                    "of tiles per weight (another count needs its own TileLayout and compilation)")
             out[path] = (rows, cols)
         return self.validate(out)
 
