@@ -200,6 +200,14 @@ class TileLayout:
                              "shapes and per-weight tile counts must all agree")
         return self.validate(adapter.coords)
 
+    def adapter(self, coords: Coords) -> "Adapter":
+        """The static :class:`Adapter` of this layout at concrete ``coords`` (for what
+        takes an adapter: export, adapter checkpoints, the fused optimizer)."""
+        c = self.validate(coords)
+        return Adapter({p: tuple(np.asarray(a) for a in c[p]) for p in self._counts},
+                       self._shapes, block_size=self._block_size, layout=self._layout,
+                       views=dict(self._views))
+
     def validate(self, coords: Coords) -> dict[str, tuple[jax.Array, jax.Array]]:
         """Host-side check of concrete coordinates (one entry per path, ``k`` tiles each, in
         range, no tile twice); returns them as int32 JAX arrays."""

@@ -64,8 +64,8 @@ def _assert_trees_equal(a, b, rtol=0.0, atol=0.0):
 
 
 def test_traced_coordinates_give_the_static_methods_numbers(model):
-    """sylva_traced(layout) with coords of masks A == sylva(make_adapter(masks A)): losses
-    and weights after a few steps (weight decay, warm-up and decay included)."""
+    """sylva_traced(layout) with coords of masks A == sylva(make_adapter(masks A)), bit for
+    bit: losses and weights after a few steps (weight decay, warm-up and decay included)."""
     graphdef, params, masks_a, _ = model
     adapter = make_adapter(params, masks_a, block_size=BS)
     layout = TileLayout.of(adapter)
@@ -75,7 +75,7 @@ def test_traced_coordinates_give_the_static_methods_numbers(model):
     s_state, s_loss, _ = _run(static, params, batches)
     t_state, t_loss, _ = _run(traced, params, batches, extras=layout.coords(masks_a))
     np.testing.assert_array_equal(t_loss, s_loss)
-    _assert_trees_equal(t_state.params, s_state.params, atol=1e-7)
+    _assert_trees_equal(t_state.params, s_state.params)         # bitwise: same gathers, same SDD
     assert traced.num_trainable == static.num_trainable == adapter.num_trainable
     # the adapter's own coordinates are the default extras when built from an Adapter
     np.testing.assert_array_equal(
@@ -170,6 +170,7 @@ def test_layout_gathers_and_scatters_at_traced_coordinates_in_both_layouts():
         moved = jax.jit(layout.apply_updates)(params, coords, ups)
         _assert_trees_equal(tiles, adapter.tiles(params))
         _assert_trees_equal(moved, adapter.apply_updates(params, ups))
+        assert layout.adapter(coords) == adapter and TileLayout.of(layout.adapter(coords)) == layout
 
 
 def test_bad_coordinates_and_rates_are_refused_with_the_fix():
