@@ -324,6 +324,18 @@ def make_step(apply_fn: Callable, method: Method, optimizer: optax.GradientTrans
         loss, grads = micro_grad_of(state, trainable_of(state))(mb, i)
         return add_weighted(acc, loss, grads, w)
 
+    return TrainStep(
+        init=_state_init(method, optimizer, trainable_of), step=step, grads=lambda state, batch: gradients(state, batch)[:2],
+        micro_step=micro_step, apply_gradients=apply_gradients,
+        zero_grads=lambda state: zero_accumulator(jax.eval_shape(trainable_of, state)),
+        merge=lambda state: method.merge(state.params, state.extras),
+        method=method, optimizer=optimizer, accum_steps=k, schedule=schedule,
+        peak_schedule=peak_schedule)
+
+
+def _state_init(method: Method, optimizer, trainable_of) -> Callable[..., TrainState]:
+    """``TrainStep.init``: a fresh :class:`TrainState` (extras from ``method.init`` unless
+    given)."""
     def init(params, *, seed: int = 0, extras: Any = None, data_pos: int = 0) -> TrainState:
         key = jax.random.PRNGKey(seed)
         if extras is None:
@@ -332,13 +344,7 @@ def make_step(apply_fn: Callable, method: Method, optimizer: optax.GradientTrans
                            rng=key, data_pos=jnp.asarray(data_pos, jnp.int32))
         return state.replace(opt_state=optimizer.init(trainable_of(state)))
 
-    return TrainStep(
-        init=init, step=step, grads=lambda state, batch: gradients(state, batch)[:2],
-        micro_step=micro_step, apply_gradients=apply_gradients,
-        zero_grads=lambda state: zero_accumulator(jax.eval_shape(trainable_of, state)),
-        merge=lambda state: method.merge(state.params, state.extras),
-        method=method, optimizer=optimizer, accum_steps=k, schedule=schedule,
-        peak_schedule=peak_schedule)
+    return init
 
 
 def _reported_lr(state: TrainState, schedule, peak_schedule) -> jax.Array | None:
@@ -535,6 +541,20 @@ def _default_optimizer(method, *, learning_rate, schedule, warmup_steps, total_s
     return method.adamw(sched, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay), sched, None
 
 
+def _optimizer_of(method, optimizer, *, max_grad_norm, traced_lr, **adamw_kw):
+    """``(optimizer, schedule, peak_schedule)`` of :func:`make_train_step`: the given one or
+    the method's AdamW (:func:`_default_optimizer`), after a global-norm clip if asked."""
+    sched = peak_sched = None
+    if optimizer is None:
+        optimizer, sched, peak_sched = _default_optimizer(method, traced_lr=traced_lr, **adamw_kw)
+    elif traced_lr:
+        raise ValueError("traced_lr applies to the default optimizer; with optimizer= given, "
+                         "build it with optim.traced_learning_rate yourself")
+    if max_grad_norm is not None:
+        optimizer = optax.chain(optax.clip_by_global_norm(float(max_grad_norm)), optimizer)
+    return optimizer, sched, peak_sched
+
+
 def make_train_step(
     model_or_graphdef: Any,
     *,
@@ -603,17 +623,10 @@ def make_train_step(
         raise ValueError(f"accum_mode must be 'scan' or 'loop', got {accum_mode!r}")
     graphdef, apply_fn, model_params = _resolve_model(model_or_graphdef, apply_fn)
     apply = functools.partial(apply_fn, graphdef)
-    sched = peak_sched = None
-    if optimizer is None:
-        optimizer, sched, peak_sched = _default_optimizer(
-            spec, learning_rate=learning_rate, schedule=schedule, warmup_steps=warmup_steps,
-            total_steps=total_steps, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
-            traced_lr=traced_lr)
-    elif traced_lr:
-        raise ValueError("traced_lr applies to the default optimizer; with optimizer= given, "
-                         "build it with optim.traced_learning_rate yourself")
-    if max_grad_norm is not None:
-        optimizer = optax.chain(optax.clip_by_global_norm(float(max_grad_norm)), optimizer)
+    optimizer, sched, peak_sched = _optimizer_of(
+        spec, optimizer, max_grad_norm=max_grad_norm, traced_lr=traced_lr, learning_rate=learning_rate,
+        schedule=schedule, warmup_steps=warmup_steps, total_steps=total_steps, b1=b1, b2=b2, eps=eps,
+        weight_decay=weight_decay)
     if loss_fn is None:
         loss_fn = _default_loss_fn(graphdef, apply_fn, spec)
     core = make_step(apply, spec, optimizer, accum_steps=accum_steps, accum_reduction=accum_reduction,
