@@ -34,6 +34,8 @@ Learning-rate schedules (:func:`make_schedule`): ``"linear"`` (0 -> lr over
 ``warmup_steps``, then linearly to 0 at ``total_steps``, as Hugging Face's
 ``get_linear_schedule_with_warmup``), ``"cosine"`` (warm-up then cosine to 0) and
 ``"constant"`` (after the warm-up); the schedule's argument counts optimizer updates.
+With ``make_train_step(..., traced_lr=True)`` the schedule's peak is a value of the
+optimizer state (:func:`with_learning_rate`), not a constant of the compiled step.
 
 Metrics per step: ``loss`` (the differentiated loss), ``grad_norm`` (global norm of the
 trainable gradient before clipping), ``tokens`` (loss tokens in the step) and ``lr`` (the
@@ -325,7 +327,8 @@ def make_step(apply_fn: Callable, method: Method, optimizer: optax.GradientTrans
         return add_weighted(acc, loss, grads, w)
 
     return TrainStep(
-        init=_state_init(method, optimizer, trainable_of), step=step, grads=lambda state, batch: gradients(state, batch)[:2],
+        init=_state_init(method, optimizer, trainable_of), step=step,
+        grads=lambda state, batch: gradients(state, batch)[:2],
         micro_step=micro_step, apply_gradients=apply_gradients,
         zero_grads=lambda state: zero_accumulator(jax.eval_shape(trainable_of, state)),
         merge=lambda state: method.merge(state.params, state.extras),
