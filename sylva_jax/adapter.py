@@ -1,11 +1,15 @@
-"""The Sylva adapter: static tile coordinates and gather / scatter of tiles in the weights.
+"""The Sylva adapter: tile layouts, tile coordinates and gather / scatter of tiles in the
+weights.
 
 `docs/algorithm.md` §5. The trainable tiles live *inside* the frozen weights: the
 parameters are the merged model at all times and there is never a second copy of a
-weight. An :class:`Adapter` only knows, per weight path, which ``bs x bs`` tiles train;
-it gathers them (:meth:`Adapter.tiles`), adds optimizer updates into them
-(:meth:`Adapter.apply_updates`) and builds the model's ``linear_fn`` hook
-(:meth:`Adapter.linear_fn`) whose backward pass produces gradients for the tiles only.
+weight. A :class:`TileLayout` knows, per weight path, the weight's shape and HOW MANY
+``bs x bs`` tiles train; given their coordinates (:data:`Coords`, arrays that may be
+traced) it gathers the tiles (:meth:`TileLayout.tiles`), adds optimizer updates into them
+(:meth:`TileLayout.apply_updates`) and builds the model's ``linear_fn`` hook
+(:meth:`TileLayout.linear_fn`) whose backward pass produces gradients for the tiles only.
+An :class:`Adapter` is a layout with its coordinates fixed (static, NumPy), offering the
+same operations.
 
 Conventions (docs/ARCHITECTURE.md): weights are named by their '.'-joined key path
 (:func:`sylva_jax.tree.flatten`); masks, coordinates and tiles are always in ``[out, in]``
@@ -28,7 +32,7 @@ import numpy as np
 from sylva_jax import tree as tree_lib
 from sylva_jax.ops import dense_linear, embedded_linear
 
-__all__ = ["Adapter", "make_adapter", "LAYOUTS"]
+__all__ = ["Adapter", "TileLayout", "Coords", "make_adapter", "LAYOUTS"]
 
 LAYOUTS = ("out_in", "in_out")
 
@@ -39,13 +43,336 @@ def _readonly(a: np.ndarray) -> np.ndarray:
     return a
 
 
+Coords = Mapping[str, tuple[Any, Any]]
+"""``{path: (rows int32[k], cols int32[k])}``: tile coordinates in block units of the
+``[out, in]`` weight (NumPy or JAX arrays, possibly traced)."""
+
+
+def _digest(block_size: int, layout: str, shapes, views, extra) -> str:
+    h = hashlib.sha1(f"{block_size}|{layout}".encode())
+    for path in shapes:
+        h.update(path.encode() + b"\0" + repr((shapes[path], views[path])).encode())
+        for part in extra(path):
+            h.update(part)
+    return h.hexdigest()
+
+
+def _matrix_view(path: str, shape, views) -> tuple[int, int]:
+    """The stored weight as a matrix: itself when 2-D; an N-D kernel (DenseGeneral
+    ``[in, heads, head_dim]``) is read as the free reshape ``views[path]``."""
+    v = tuple(int(d) for d in (views or {}).get(path, shape))
+    if len(v) != 2 or int(np.prod(v)) != int(np.prod(shape)):
+        raise ValueError(f"{path!r}: matrix view {v} does not fit the stored shape {shape}")
+    return v
+
+
+@jax.tree_util.register_pytree_node_class
+class TileLayout:
+    """A Sylva adapter without its coordinates: what a compiled step depends on.
+
+    Per adapted weight path: the stored shape, its matrix view and the NUMBER ``k`` of
+    ``bs x bs`` tiles; the block size and the storage layout. A pytree with no leaves
+    (static, hashable). The coordinates are a separate pytree :data:`Coords` given to
+    every method, so they may be traced arrays: one compiled training step serves every
+    choice of tiles with the same per-weight counts (docs/algorithm.md §5, the tiles are
+    fixed for a run, not for a program). :meth:`coords` builds them from masks and
+    validates them on the host; under ``jit`` nothing can be checked, so coordinates
+    built by hand go through :meth:`validate` first (out-of-range indices are clipped by
+    XLA, duplicates break the scatter).
+    """
+
+    def __init__(self, counts: Mapping[str, int], shapes: Mapping[str, tuple[int, ...]], *,
+                 block_size: int, layout: str = "out_in",
+                 views: Mapping[str, tuple[int, int]] | None = None):
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}; got {layout!r}")
+        self._block_size = int(block_size)
+        self._layout = layout
+        k, s, v = {}, {}, {}
+        for path, n in counts.items():
+            if int(n) <= 0:
+                raise ValueError(f"{path!r}: a tile layout needs k >= 1 tiles; got {n} "
+                                 "(leave weights without tiles out)")
+            k[path] = int(n)
+            s[path] = tuple(int(d) for d in shapes[path])
+            v[path] = _matrix_view(path, s[path], views)
+        self._counts = MappingProxyType(k)
+        self._shapes = MappingProxyType(s)
+        self._views = MappingProxyType(v)
+        self._digest = _digest(self._block_size, layout, s, v, lambda p: (str(k[p]).encode(),))
+
+    @classmethod
+    def of(cls, adapter: "Adapter") -> "TileLayout":
+        """The layout of ``adapter`` (same paths, shapes and per-weight counts)."""
+        return adapter.tile_layout
+
+    # -- pytree / hashing ---------------------------------------------------------------
+    def tree_flatten(self):
+        return (), self
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        del children
+        return aux
+
+    def __hash__(self):
+        return hash(self._digest)
+
+    def __eq__(self, other):
+        return isinstance(other, TileLayout) and other._digest == self._digest
+
+    def __repr__(self):
+        return (f"TileLayout({len(self._counts)} weights, {self.num_tiles} tiles of "
+                f"{self._block_size}x{self._block_size}, layout={self._layout!r})")
+
+    # -- static properties --------------------------------------------------------------
+    @property
+    def counts(self) -> Mapping[str, int]:
+        return self._counts
+
+    @property
+    def shapes(self) -> Mapping[str, tuple[int, ...]]:
+        return self._shapes
+
+    @property
+    def block_size(self) -> int:
+        return self._block_size
+
+    @property
+    def layout(self) -> str:
+        return self._layout
+
+    @property
+    def paths(self) -> tuple[str, ...]:
+        return tuple(self._counts)
+
+    @property
+    def num_tiles(self) -> int:
+        return int(sum(self._counts.values()))
+
+    @property
+    def num_trainable(self) -> int:
+        return self.num_tiles * self._block_size ** 2
+
+    def out_in_shape(self, path: str) -> tuple[int, int]:
+        """``(out, in)`` of the weight at ``path`` whatever the storage layout."""
+        s = self._views[path]
+        return s if self._layout == "out_in" else (s[1], s[0])
+
+    def grid(self, path: str) -> tuple[int, int]:
+        """``(out // bs, in // bs)``: the tile grid (mask shape) of the weight at ``path``."""
+        out_dim, in_dim = self.out_in_shape(path)
+        return out_dim // self._block_size, in_dim // self._block_size
+
+    # -- coordinates (host side) --------------------------------------------------------
+    def coords(self, masks: Mapping[str, Any]) -> dict[str, tuple[jax.Array, jax.Array]]:
+        """Coordinates from boolean masks ``{path: bool[out // bs, in // bs]}``, row-major
+        (as :func:`make_adapter`); each mask must select exactly ``counts[path]`` tiles.
+        Masks of weights outside the layout must be all False."""
+        if not isinstance(masks, Mapping):
+            raise TypeError(f"masks must be a mapping {{path: bool array}}; got {type(masks).__name__}")
+        extra = [p for p, m in masks.items() if p not in self._counts and np.any(np.asarray(m))]
+        if extra:
+            raise ValueError(f"masks select tiles of {extra[:3]}, which the layout does not adapt; "
+                             "build the layout from an adapter of these weights")
+        out = {}
+        for path in self._counts:
+            if path not in masks:
+                raise KeyError(f"masks lack adapted weight {path!r}; give one mask per path of "
+                               "the layout")
+            m = np.asarray(masks[path])
+            if m.shape != self.grid(path):
+                raise ValueError(f"mask for {path!r} has shape {m.shape}; the layout needs "
+                                 f"{self.grid(path)} ([out // bs, in // bs])")
+            rows, cols = np.nonzero(m.astype(bool))
+            if rows.size != self._counts[path]:
+                raise ValueError(
+                    f"mask for {path!r} selects {rows.size} tiles but the layout has k = "
+                    f"{self._counts[path]} there; every arm of one layout trains the same number "
+                    "of tiles per weight (another count needs its own TileLayout and compilation)")
+            out[path] = (rows, cols)
+        return self.validate(out)
+
+    def coords_of(self, adapter: "Adapter") -> dict[str, tuple[jax.Array, jax.Array]]:
+        """``adapter``'s coordinates as arrays, for an adapter of this layout."""
+        if adapter.tile_layout != self:
+            raise ValueError(f"{adapter!r} does not have this layout ({self!r}): paths, "
+                             "shapes and per-weight tile counts must all agree")
+        return self.validate(adapter.coords)
+
+    def adapter(self, coords: Coords) -> "Adapter":
+        """The static :class:`Adapter` of this layout at concrete ``coords`` (for what
+        takes an adapter: export, adapter checkpoints, the fused optimizer)."""
+        c = self.validate(coords)
+        return Adapter({p: tuple(np.asarray(a) for a in c[p]) for p in self._counts},
+                       self._shapes, block_size=self._block_size, layout=self._layout,
+                       views=dict(self._views))
+
+    def validate(self, coords: Coords) -> dict[str, tuple[jax.Array, jax.Array]]:
+        """Host-side check of concrete coordinates (one entry per path, ``k`` tiles each, in
+        range, no tile twice); returns them as int32 JAX arrays."""
+        self._check_coords(coords, "coords")
+        out = {}
+        for path, (rows, cols) in coords.items():
+            if path not in self._counts:
+                raise KeyError(f"coords has weight {path!r}, which the layout does not adapt")
+            r, c = np.asarray(rows), np.asarray(cols)
+            if not (np.issubdtype(r.dtype, np.integer) and np.issubdtype(c.dtype, np.integer)):
+                raise TypeError(f"coords[{path!r}] must be integers; got {r.dtype}, {c.dtype}")
+            n_r, n_c = self.grid(path)
+            if r.min() < 0 or r.max() >= n_r or c.min() < 0 or c.max() >= n_c:
+                raise ValueError(f"coords[{path!r}] out of range: rows must lie in [0, {n_r}) "
+                                 f"and cols in [0, {n_c}) (out // bs, in // bs)")
+            if np.unique(r.astype(np.int64) * n_c + c).shape[0] != r.shape[0]:
+                raise ValueError(f"coords[{path!r}] names a tile twice; every tile once")
+            out[path] = (jnp.asarray(r, jnp.int32), jnp.asarray(c, jnp.int32))
+        return out
+
+    # -- trace-safe checks --------------------------------------------------------------
+    def _check_coords(self, coords: Coords, what: str):
+        for path, k in self._counts.items():
+            if path not in coords:
+                raise KeyError(f"{what} has no entry for adapted weight {path!r}; expected "
+                               "{path: (rows [k], cols [k])} like layout.coords(masks)")
+            rows, cols = coords[path]
+            if tuple(np.shape(rows)) != (k,) or tuple(np.shape(cols)) != (k,):
+                raise ValueError(f"{what}[{path!r}] has shapes {np.shape(rows)}, {np.shape(cols)}; "
+                                 f"the layout has k = {k} tiles there: expected ({k},) each")
+
+    def _check_tree(self, flat: Mapping[str, Any], what: str):
+        missing = [p for p in self._counts if p not in flat]
+        if missing:
+            raise KeyError(
+                f"{what} lacks adapted weight(s) {missing[:3]}{'...' if len(missing) > 3 else ''}; "
+                f"pass the same parameter tree the adapter was built from")
+
+    def _check_tiles(self, tiles: Mapping[str, Any], what: str):
+        for path, k in self._counts.items():
+            if path not in tiles:
+                raise KeyError(f"{what} has no entry for adapted weight {path!r}; expected a "
+                               f"dict {{path: [nnz, bs, bs]}} like adapter.tiles(params)")
+            shape = tuple(tiles[path].shape)
+            want = (k, self._block_size, self._block_size)
+            if shape != want:
+                raise ValueError(f"{what}[{path!r}] has shape {shape}; expected {want}")
+
+    # -- gather / scatter ---------------------------------------------------------------
+    def _blocked(self, path: str, w, coords: Coords):
+        """The stored weight as a free 4-D view ``[B0, bs, B1, bs]`` and the block indices
+        into its axes 0 and 2 (``(rows, cols)`` for out_in, ``(cols, rows)`` for in_out)."""
+        w = jnp.asarray(w)
+        if tuple(w.shape) != self._shapes[path]:
+            raise ValueError(
+                f"weight {path!r} has shape {tuple(w.shape)} but the adapter was built for "
+                f"{self._shapes[path]}; build the adapter from these parameters")
+        bs = self._block_size
+        rows, cols = coords[path]
+        v0, v1 = self._views[path]
+        w4 = w.reshape(v0 // bs, bs, v1 // bs, bs)
+        if self._layout == "out_in":
+            return w4, rows, cols
+        return w4, cols, rows
+
+    def _gather(self, path: str, w, coords: Coords) -> jax.Array:
+        w4, i0, i2 = self._blocked(path, w, coords)
+        t = w4[i0, :, i2, :]                                     # [k, bs, bs]
+        return t if self._layout == "out_in" else jnp.swapaxes(t, 1, 2)
+
+    def _scatter(self, path: str, w, coords: Coords, new_tiles) -> jax.Array:
+        w4, i0, i2 = self._blocked(path, w, coords)
+        t = new_tiles if self._layout == "out_in" else jnp.swapaxes(new_tiles, 1, 2)
+        if i0.shape[0] == 1:
+            # A one-tile scatter becomes a dynamic-update-slice through the 4-D view, a fusion
+            # XLA cannot run in place (operand and result shapes differ): under jit with the
+            # weights donated it copies the whole weight. Writing the same tile twice keeps it
+            # a scatter, which is updated in place (seen in train's sylva step).
+            xp = np if isinstance(i0, np.ndarray) else jnp
+            i0, i2, t = xp.repeat(i0, 2), xp.repeat(i2, 2), jnp.concatenate([t, t])
+            return w4.at[i0, :, i2, :].set(t.astype(w4.dtype)).reshape(self._shapes[path])
+        w4 = w4.at[i0, :, i2, :].set(t.astype(w4.dtype), unique_indices=True)
+        return w4.reshape(self._shapes[path])
+
+    def tiles(self, params, coords: Coords) -> dict[str, jax.Array]:
+        """Gather the trainable tiles: ``{path: [k, bs, bs]}`` in ``[out, in]`` orientation."""
+        self._check_coords(coords, "coords")
+        flat = tree_lib.flatten(params)
+        self._check_tree(flat, "params")
+        return {p: self._gather(p, flat[p], coords) for p in self._counts}
+
+    def set_tiles(self, params, coords: Coords, tiles: Mapping[str, Any]):
+        """``params`` with the tiles at ``coords`` replaced by ``tiles`` (scatter-set);
+        every other leaf is returned as the same object."""
+        self._check_coords(coords, "coords")
+        self._check_tiles(tiles, "tiles")
+        self._check_tree(tree_lib.flatten(params), "params")
+
+        def fn(path, leaf):
+            if path not in self._counts:
+                return leaf
+            return self._scatter(path, leaf, coords, tiles[path])
+
+        return tree_lib.map_flat(fn, params)
+
+    def apply_updates(self, params, coords: Coords, updates: Mapping[str, Any]):
+        """``params`` with ``updates[path]`` ([k, bs, bs]) added into the tiles at ``coords``.
+
+        The addition is done in float32 and rounded once to the weight dtype. Every other
+        leaf is returned as the same object; under ``jax.jit`` with ``params`` donated the
+        scatter updates the weights in place.
+        """
+        self._check_coords(coords, "coords")
+        self._check_tiles(updates, "updates")
+        self._check_tree(tree_lib.flatten(params), "params")
+
+        def fn(path, leaf):
+            if path not in self._counts:
+                return leaf
+            old = self._gather(path, leaf, coords).astype(jnp.float32)
+            return self._scatter(path, leaf, coords, old + updates[path].astype(jnp.float32))
+
+        return tree_lib.map_flat(fn, params)
+
+    def linear_fn(self, coords: Coords, tiles: Mapping[str, jax.Array], *,
+                  backend: str = "auto") -> Callable:
+        """The model's ``linear_fn(name, x, w, b)`` hook (docs/ARCHITECTURE.md).
+
+        Adapted weights go through :func:`sylva_jax.ops.embedded_linear` with
+        ``tiles[name]`` at ``coords[name]`` (gradient for the tiles only); every other
+        weight is a frozen dense product (``lax.stop_gradient`` on ``w`` and ``b``: only
+        ``dx`` flows). ``w`` arrives ``[out, in]`` whatever the storage layout, and tiles
+        are ``[out, in]`` blocks, so the hook works for both layouts. Every SDD backend
+        takes the coordinates as arrays, so traced ``coords`` work with all of them.
+        """
+        self._check_coords(coords, "coords")
+        self._check_tiles(tiles, "tiles")
+        bs = self._block_size
+
+        def hook(name: str, x: jax.Array, w: jax.Array, b: jax.Array | None = None):
+            if name not in self._counts:
+                return dense_linear(x, jax.lax.stop_gradient(w),
+                                    None if b is None else jax.lax.stop_gradient(b))
+            if tuple(w.shape) != self.out_in_shape(name):
+                raise ValueError(
+                    f"linear_fn got weight {name!r} with shape {tuple(w.shape)} but the adapter "
+                    f"expects [out, in] = {self.out_in_shape(name)}")
+            rows, cols = coords[name]
+            return embedded_linear(x, w, tiles[name], rows, cols,
+                                   None if b is None else jax.lax.stop_gradient(b),
+                                   block_size=bs, backend=backend)
+
+        return hook
+
+
 @jax.tree_util.register_pytree_node_class
 class Adapter:
-    """Static description of the trainable tiles of a model.
+    """Static description of the trainable tiles of a model: a :class:`TileLayout` and
+    its coordinates, fixed.
 
     A pytree with no leaves: everything (coordinates, block size, layout, weight shapes)
     is static treedef aux data, hashable and comparable, so an ``Adapter`` can be passed
-    through ``jax.jit`` as an ordinary argument or closed over.
+    through ``jax.jit`` as an ordinary argument or closed over. (A jitted step then
+    compiles once per choice of tiles; :class:`TileLayout` with traced coordinates
+    compiles once per per-weight tile count.)
 
     Attributes:
       coords: ``{path: (rows int32[nnz], cols int32[nnz])}`` tile coordinates in block
@@ -55,6 +382,7 @@ class Adapter:
       paths: adapted weight paths (those with at least one tile), in parameter order.
       shapes: ``{path: stored weight shape}``.
       num_trainable: number of trainable scalars, ``sum(nnz) * bs**2``.
+      tile_layout: the :class:`TileLayout` (coordinates left out).
     """
 
     def __init__(self, coords: Mapping[str, tuple[np.ndarray, np.ndarray]],
@@ -62,36 +390,22 @@ class Adapter:
                  layout: str = "out_in", views: Mapping[str, tuple[int, int]] | None = None):
         if layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}; got {layout!r}")
-        self._block_size = int(block_size)
-        self._layout = layout
         c: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-        s: dict[str, tuple[int, ...]] = {}
-        v: dict[str, tuple[int, int]] = {}
         for path, (rows, cols) in coords.items():
             rows = _readonly(np.asarray(rows, np.int32).reshape(-1))
             cols = _readonly(np.asarray(cols, np.int32).reshape(-1))
             if rows.shape != cols.shape:
                 raise ValueError(f"{path!r}: rows and cols differ in length "
                                  f"({rows.shape[0]} vs {cols.shape[0]})")
-            if rows.shape[0] == 0:
-                continue
-            c[path] = (rows, cols)
-            s[path] = tuple(int(d) for d in shapes[path])
-            # the stored weight as a matrix: itself when 2-D; an N-D kernel (DenseGeneral
-            # [in, heads, head_dim]) is read as the free reshape views[path]
-            v[path] = tuple(int(d) for d in (views or {}).get(path, s[path]))
-            if len(v[path]) != 2 or int(np.prod(v[path])) != int(np.prod(s[path])):
-                raise ValueError(f"{path!r}: matrix view {v[path]} does not fit the stored "
-                                 f"shape {s[path]}")
+            if rows.shape[0]:
+                c[path] = (rows, cols)
         self._coords = MappingProxyType(c)
-        self._shapes = MappingProxyType(s)
-        self._views = MappingProxyType(v)
-        h = hashlib.sha1(f"{self._block_size}|{layout}".encode())
-        for path in c:
-            h.update(path.encode() + b"\0" + repr((s[path], v[path])).encode())
-            h.update(c[path][0].tobytes())
-            h.update(c[path][1].tobytes())
-        self._digest = h.hexdigest()
+        self._tiles = TileLayout({p: r.shape[0] for p, (r, _) in c.items()},
+                                 {p: shapes[p] for p in c}, block_size=block_size,
+                                 layout=layout, views={p: v for p, v in (views or {}).items() if p in c})
+        tl = self._tiles
+        self._digest = _digest(tl.block_size, layout, tl.shapes, tl._views,
+                               lambda p: (c[p][0].tobytes(), c[p][1].tobytes()))
 
     # -- pytree / hashing ---------------------------------------------------------------
     def tree_flatten(self):
@@ -110,8 +424,8 @@ class Adapter:
 
     def __repr__(self):
         return (f"Adapter({len(self._coords)} weights, {self.num_tiles} tiles of "
-                f"{self._block_size}x{self._block_size}, {self.num_trainable} trainable, "
-                f"layout={self._layout!r})")
+                f"{self.block_size}x{self.block_size}, {self.num_trainable} trainable, "
+                f"layout={self.layout!r})")
 
     # -- static properties --------------------------------------------------------------
     @property
@@ -119,16 +433,24 @@ class Adapter:
         return self._coords
 
     @property
+    def tile_layout(self) -> TileLayout:
+        return self._tiles
+
+    @property
     def shapes(self) -> Mapping[str, tuple[int, int]]:
-        return self._shapes
+        return self._tiles.shapes
+
+    @property
+    def _views(self) -> Mapping[str, tuple[int, int]]:
+        return self._tiles._views
 
     @property
     def block_size(self) -> int:
-        return self._block_size
+        return self._tiles.block_size
 
     @property
     def layout(self) -> str:
-        return self._layout
+        return self._tiles.layout
 
     @property
     def paths(self) -> tuple[str, ...]:
@@ -136,87 +458,25 @@ class Adapter:
 
     @property
     def num_tiles(self) -> int:
-        return int(sum(r.shape[0] for r, _ in self._coords.values()))
+        return self._tiles.num_tiles
 
     @property
     def num_trainable(self) -> int:
-        return self.num_tiles * self._block_size ** 2
+        return self._tiles.num_trainable
 
     def out_in_shape(self, path: str) -> tuple[int, int]:
         """``(out, in)`` of the weight at ``path`` whatever the storage layout."""
-        s = self._views[path]
-        return s if self._layout == "out_in" else (s[1], s[0])
+        return self._tiles.out_in_shape(path)
 
-    # -- gather / scatter ---------------------------------------------------------------
-    def _blocked(self, path: str, w) -> tuple[jax.Array, np.ndarray, np.ndarray]:
-        """The stored weight as a free 4-D view ``[B0, bs, B1, bs]`` and the block indices
-        into its axes 0 and 2 (``(rows, cols)`` for out_in, ``(cols, rows)`` for in_out)."""
-        w = jnp.asarray(w)
-        if tuple(w.shape) != self._shapes[path]:
-            raise ValueError(
-                f"weight {path!r} has shape {tuple(w.shape)} but the adapter was built for "
-                f"{self._shapes[path]}; build the adapter from these parameters")
-        bs = self._block_size
-        rows, cols = self._coords[path]
-        v0, v1 = self._views[path]
-        w4 = w.reshape(v0 // bs, bs, v1 // bs, bs)
-        if self._layout == "out_in":
-            return w4, rows, cols
-        return w4, cols, rows
-
-    def _gather(self, path: str, w) -> jax.Array:
-        w4, i0, i2 = self._blocked(path, w)
-        t = w4[i0, :, i2, :]                                     # [nnz, bs, bs]
-        return t if self._layout == "out_in" else jnp.swapaxes(t, 1, 2)
-
-    def _scatter(self, path: str, w, new_tiles) -> jax.Array:
-        w4, i0, i2 = self._blocked(path, w)
-        t = new_tiles if self._layout == "out_in" else jnp.swapaxes(new_tiles, 1, 2)
-        if i0.shape[0] == 1:
-            # A one-tile scatter becomes a dynamic-update-slice through the 4-D view, a fusion
-            # XLA cannot run in place (operand and result shapes differ): under jit with the
-            # weights donated it copies the whole weight. Writing the same tile twice keeps it
-            # a scatter, which is updated in place (seen in train's sylva step).
-            i0, i2, t = np.repeat(i0, 2), np.repeat(i2, 2), jnp.concatenate([t, t])
-            return w4.at[i0, :, i2, :].set(t.astype(w4.dtype)).reshape(self._shapes[path])
-        w4 = w4.at[i0, :, i2, :].set(t.astype(w4.dtype), unique_indices=True)
-        return w4.reshape(self._shapes[path])
-
-    def _check_tree(self, flat: Mapping[str, Any], what: str):
-        missing = [p for p in self._coords if p not in flat]
-        if missing:
-            raise KeyError(
-                f"{what} lacks adapted weight(s) {missing[:3]}{'...' if len(missing) > 3 else ''}; "
-                f"pass the same parameter tree the adapter was built from")
-
-    def _check_tiles(self, tiles: Mapping[str, Any], what: str):
-        for path, (rows, _) in self._coords.items():
-            if path not in tiles:
-                raise KeyError(f"{what} has no entry for adapted weight {path!r}; expected a "
-                               f"dict {{path: [nnz, bs, bs]}} like adapter.tiles(params)")
-            shape = tuple(tiles[path].shape)
-            want = (rows.shape[0], self._block_size, self._block_size)
-            if shape != want:
-                raise ValueError(f"{what}[{path!r}] has shape {shape}; expected {want}")
-
+    # -- gather / scatter (the layout's, at the fixed coordinates) ----------------------
     def tiles(self, params) -> dict[str, jax.Array]:
         """Gather the trainable tiles: ``{path: [nnz, bs, bs]}`` in ``[out, in]`` orientation."""
-        flat = tree_lib.flatten(params)
-        self._check_tree(flat, "params")
-        return {p: self._gather(p, flat[p]) for p in self._coords}
+        return self._tiles.tiles(params, self._coords)
 
     def set_tiles(self, params, tiles: Mapping[str, Any]):
         """``params`` with the adapted tiles replaced by ``tiles`` (scatter-set); every
         other leaf is returned as the same object."""
-        self._check_tiles(tiles, "tiles")
-        self._check_tree(tree_lib.flatten(params), "params")
-
-        def fn(path, leaf):
-            if path not in self._coords:
-                return leaf
-            return self._scatter(path, leaf, tiles[path])
-
-        return tree_lib.map_flat(fn, params)
+        return self._tiles.set_tiles(params, self._coords, tiles)
 
     def apply_updates(self, params, updates: Mapping[str, Any]):
         """``params`` with ``updates[path]`` ([nnz, bs, bs]) added into the tiles.
@@ -225,16 +485,7 @@ class Adapter:
         leaf is returned as the same object; under ``jax.jit`` with ``params`` donated the
         scatter updates the weights in place.
         """
-        self._check_tiles(updates, "updates")
-        self._check_tree(tree_lib.flatten(params), "params")
-
-        def fn(path, leaf):
-            if path not in self._coords:
-                return leaf
-            old = self._gather(path, leaf).astype(jnp.float32)
-            return self._scatter(path, leaf, old + updates[path].astype(jnp.float32))
-
-        return tree_lib.map_flat(fn, params)
+        return self._tiles.apply_updates(params, self._coords, updates)
 
     def unmerge(self, params, base_tiles: Mapping[str, Any]):
         """Put the base model's tiles back (``base_tiles = adapter.tiles(base_params)``
@@ -248,32 +499,9 @@ class Adapter:
 
     # -- the model hook -----------------------------------------------------------------
     def linear_fn(self, tiles: Mapping[str, jax.Array], *, backend: str = "auto") -> Callable:
-        """The model's ``linear_fn(name, x, w, b)`` hook (docs/ARCHITECTURE.md).
-
-        Adapted weights go through :func:`sylva_jax.ops.embedded_linear` with
-        ``tiles[name]`` (gradient for the tiles only); every other weight is a frozen dense
-        product (``lax.stop_gradient`` on ``w`` and ``b``: only ``dx`` flows). ``w`` arrives
-        ``[out, in]`` whatever the storage layout, and tiles are ``[out, in]`` blocks, so
-        the hook works for both layouts.
-        """
-        self._check_tiles(tiles, "tiles")
-        bs = self._block_size
-        coords = self._coords
-
-        def hook(name: str, x: jax.Array, w: jax.Array, b: jax.Array | None = None):
-            if name not in coords:
-                return dense_linear(x, jax.lax.stop_gradient(w),
-                                    None if b is None else jax.lax.stop_gradient(b))
-            if tuple(w.shape) != self.out_in_shape(name):
-                raise ValueError(
-                    f"linear_fn got weight {name!r} with shape {tuple(w.shape)} but the adapter "
-                    f"expects [out, in] = {self.out_in_shape(name)}")
-            rows, cols = coords[name]
-            return embedded_linear(x, w, tiles[name], rows, cols,
-                                   None if b is None else jax.lax.stop_gradient(b),
-                                   block_size=bs, backend=backend)
-
-        return hook
+        """The model's ``linear_fn(name, x, w, b)`` hook: :meth:`TileLayout.linear_fn` at
+        this adapter's coordinates."""
+        return self._tiles.linear_fn(self._coords, tiles, backend=backend)
 
     # -- checkpoints --------------------------------------------------------------------
     def state_dict(self) -> dict[str, np.ndarray]:
@@ -281,13 +509,13 @@ class Adapter:
         array), and per adapted path ``rows/<path>``, ``cols/<path>`` (int32[nnz]) and
         ``shape/<path>`` (int64[2], stored weight shape)."""
         out: dict[str, np.ndarray] = {
-            "block_size": np.asarray(self._block_size, np.int64),
-            "layout": np.asarray(self._layout),
+            "block_size": np.asarray(self.block_size, np.int64),
+            "layout": np.asarray(self.layout),
         }
         for path, (rows, cols) in self._coords.items():
             out[f"rows/{path}"] = np.array(rows)
             out[f"cols/{path}"] = np.array(cols)
-            out[f"shape/{path}"] = np.asarray(self._shapes[path], np.int64)
+            out[f"shape/{path}"] = np.asarray(self.shapes[path], np.int64)
             out[f"view/{path}"] = np.asarray(self._views[path], np.int64)
         return out
 
@@ -313,6 +541,7 @@ class Adapter:
                     views[path] = tuple(int(d) for d in np.asarray(state[f"view/{path}"]))
         return cls(coords, shapes, block_size=int(np.asarray(state["block_size"])),
                    layout=layout, views=views)
+
 
 
 def make_adapter(params, masks: Mapping[str, Any], *, block_size: int = 64,

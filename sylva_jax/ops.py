@@ -214,7 +214,10 @@ def embedded_linear(x: jax.Array, w: jax.Array, tiles: jax.Array, rows, cols,
       w: ``[out, in]`` weight that already contains the current tile values.
       tiles: ``[nnz, bs, bs]``; only receives the gradient, its forward value is unused
         (it must equal the tiles of ``w`` for the gradient to be the true one).
-      rows, cols: ``int32[nnz]`` tile coordinates (block units).
+      rows, cols: ``int32[nnz]`` tile coordinates (block units), distinct tiles; may be
+        traced (every backend reads them as arrays). Their range is checked here only
+        when they are concrete: validate traced ones on the host where they are built
+        (:meth:`sylva_jax.adapter.TileLayout.validate`).
       b: ``[out]`` bias or ``None``.
       block_size: ``bs``; backend: SDD backend (see :func:`sdd`).
 

@@ -13,6 +13,9 @@ Two interchangeable paths with the same state (:class:`SparseAdamWState`):
   a TPU and a CPU the XLA gather / scatter of the same formula. The Pallas kernel has no
   TPU form (its whole-``W`` block would be a VMEM buffer written back in full, garbage
   outside the tiles): ``interpret=False`` on a TPU is refused at lowering.
+
+:func:`traced_learning_rate` makes the (peak) learning rate of any optimizer a value of its
+state (:func:`learning_rate_of`, :func:`with_learning_rate`): one compiled step, any rate.
 """
 from __future__ import annotations
 
@@ -30,7 +33,8 @@ from sylva_jax.kernels.platform import by_platform, refused
 from sylva_jax.kernels.sdd_pallas import triton_params
 
 __all__ = ["SparseAdamWState", "sparse_adamw", "fused_sparse_adamw_step",
-           "fused_sparse_adamw_update"]
+           "fused_sparse_adamw_update", "traced_learning_rate", "learning_rate_of",
+           "with_learning_rate"]
 
 ScalarOrSchedule = Union[float, jax.Array, Callable[[jax.Array], jax.Array]]
 
@@ -117,6 +121,66 @@ def sparse_adamw(learning_rate: ScalarOrSchedule, b1: float = 0.9, b2: float = 0
         return new_updates, SparseAdamWState(count=count_inc, mu=mu, nu=nu)
 
     return optax.GradientTransformation(init_fn, update_fn)
+
+
+# ---------------------------------------------------------------------------------------
+# the learning rate as optimizer state
+# ---------------------------------------------------------------------------------------
+
+_INJECTED = tuple({optax.InjectHyperparamsState, optax.InjectStatefulHyperparamsState})
+
+
+def traced_learning_rate(factory: Callable[[jax.Array], optax.GradientTransformation],
+                         learning_rate) -> optax.GradientTransformation:
+    """``factory(learning_rate)`` with ``learning_rate`` a float32 scalar of the optimizer
+    STATE (``optax.inject_hyperparams``), so that a compiled step serves every rate.
+
+    ``factory`` builds the optimizer from the rate, e.g. ``lambda learning_rate:
+    sparse_adamw(make_schedule("linear", learning_rate, ...))`` (the rate is then the
+    schedule's peak); it is called again inside every update with the state's value, so
+    the update is the formula of ``factory(float)`` evaluated on that value. Read the rate
+    with :func:`learning_rate_of`, change it with :func:`with_learning_rate`.
+    """
+    if not callable(factory):
+        raise TypeError(f"factory must be a callable learning_rate -> GradientTransformation; "
+                        f"got {type(factory).__name__}")
+    return optax.inject_hyperparams(factory, hyperparam_dtype=jnp.float32)(
+        learning_rate=learning_rate)
+
+
+def _is_injected(node) -> bool:
+    return isinstance(node, _INJECTED) and "learning_rate" in node.hyperparams
+
+
+def learning_rate_of(opt_state) -> jax.Array | None:
+    """The traced learning rate of ``opt_state`` (from :func:`traced_learning_rate`, also
+    inside ``optax.chain``), or ``None`` when the rate is not part of the state. Decided
+    from the state's structure, so it works under ``jit``."""
+    found = [n for n in jax.tree_util.tree_leaves(opt_state, is_leaf=_is_injected)
+             if _is_injected(n)]
+    if len(found) > 1:
+        raise ValueError(f"the optimizer state holds {len(found)} injected learning rates; "
+                         "use one traced_learning_rate per optimizer")
+    return found[0].hyperparams["learning_rate"] if found else None
+
+
+def with_learning_rate(opt_state, learning_rate):
+    """``opt_state`` with its traced learning rate set to ``learning_rate`` (a scalar;
+    float32). Raises if the state has none (build the optimizer with
+    :func:`traced_learning_rate`)."""
+    if learning_rate_of(opt_state) is None:
+        raise ValueError("this optimizer state has no traced learning rate; build the optimizer "
+                         "with optim.traced_learning_rate (make_train_step(..., traced_lr=True))")
+    lr = jnp.asarray(learning_rate, jnp.float32)
+    if lr.shape != ():
+        raise ValueError(f"learning_rate must be a scalar; got shape {lr.shape}")
+
+    def put(node):
+        if not _is_injected(node):
+            return node
+        return node._replace(hyperparams={**node.hyperparams, "learning_rate": lr})
+
+    return jax.tree_util.tree_map(put, opt_state, is_leaf=_is_injected)
 
 
 # ---------------------------------------------------------------------------------------

@@ -34,6 +34,8 @@ Learning-rate schedules (:func:`make_schedule`): ``"linear"`` (0 -> lr over
 ``warmup_steps``, then linearly to 0 at ``total_steps``, as Hugging Face's
 ``get_linear_schedule_with_warmup``), ``"cosine"`` (warm-up then cosine to 0) and
 ``"constant"`` (after the warm-up); the schedule's argument counts optimizer updates.
+With ``make_train_step(..., traced_lr=True)`` the schedule's peak is a value of the
+optimizer state (:func:`with_learning_rate`), not a constant of the compiled step.
 
 Metrics per step: ``loss`` (the differentiated loss), ``grad_norm`` (global norm of the
 trainable gradient before clipping), ``tokens`` (loss tokens in the step) and ``lr`` (the
@@ -51,11 +53,12 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-from sylva_jax import methods
+from sylva_jax import methods, optim
 from sylva_jax.losses import IGNORE_INDEX, lm_loss
 from sylva_jax.methods import Method
 
 __all__ = ["TrainState", "TrainStep", "Trainer", "make_step", "make_train_step", "make_schedule",
+           "with_learning_rate",
            "micro_weights", "accumulate", "zero_accumulator", "lm_loss_fn", "METHODS"]
 
 # the method names make_train_step builds itself (any other method: pass a Method value)
@@ -89,10 +92,13 @@ class TrainState:
     data_pos: jax.Array
 
 
-def make_schedule(kind: str, learning_rate: float, *, warmup_steps: int = 0,
+def make_schedule(kind: str, learning_rate, *, warmup_steps: int = 0,
                   total_steps: int | None = None) -> optax.Schedule:
-    """An optax schedule of optimizer-update count -> learning rate (see module doc)."""
-    lr = float(learning_rate)
+    """An optax schedule of optimizer-update count -> learning rate (see module doc).
+
+    ``learning_rate`` (the peak) is a float or a JAX scalar, possibly traced (the rate of
+    :func:`sylva_jax.optim.traced_learning_rate`); the formula is the same for both."""
+    lr = learning_rate if isinstance(learning_rate, jax.Array) else float(learning_rate)
     warmup_steps = int(warmup_steps)
     if warmup_steps < 0:
         raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
@@ -115,6 +121,13 @@ def make_schedule(kind: str, learning_rate: float, *, warmup_steps: int = 0,
         return after
     return optax.join_schedules([warm, after], [warmup_steps])
 
+
+def with_learning_rate(state: "TrainState", learning_rate) -> "TrainState":
+    """``state`` with the traced (peak) learning rate of its optimizer set to
+    ``learning_rate`` (:func:`sylva_jax.optim.with_learning_rate`; the optimizer must come
+    from :func:`sylva_jax.optim.traced_learning_rate`, e.g. ``make_train_step(...,
+    traced_lr=True)``)."""
+    return state.replace(opt_state=optim.with_learning_rate(state.opt_state, learning_rate))
 
 
 # --------------------------------------------------------------------------------------
@@ -207,7 +220,8 @@ class TrainStep(NamedTuple):
     zero_grads: ``state -> acc``: the zero accumulator of ``state``'s trainable pytree.
     merge: ``state -> params``: plain weights (``method.merge``).
     method: the :class:`Method`; optimizer: the optax transformation; accum_steps: ``k``;
-    schedule: the learning-rate schedule reported as ``lr`` (``None``: not reported).
+    schedule: the learning-rate schedule reported as ``lr`` (``None``: not reported);
+    peak_schedule: ``peak -> schedule`` reported at the state's traced rate instead.
     """
 
     init: Callable[..., "TrainState"]
@@ -221,6 +235,7 @@ class TrainStep(NamedTuple):
     optimizer: optax.GradientTransformation
     accum_steps: int
     schedule: optax.Schedule | None = None
+    peak_schedule: Callable[[jax.Array], optax.Schedule] | None = None
 
 
 def _check_step_args(method, optimizer, accum_steps, accum_reduction):
@@ -241,7 +256,9 @@ def _check_accum(accum_steps, accum_reduction):
 
 def make_step(apply_fn: Callable, method: Method, optimizer: optax.GradientTransformation, *,
               accum_steps: int = 1, accum_reduction: str = "tokens",
-              schedule: optax.Schedule | None = None, loss_fn: Callable | None = None) -> TrainStep:
+              schedule: optax.Schedule | None = None,
+              peak_schedule: Callable[[jax.Array], optax.Schedule] | None = None,
+              loss_fn: Callable | None = None) -> TrainStep:
     """Pure training functions of ``method`` with ``optimizer`` (any optax transformation).
 
     Args:
@@ -252,6 +269,9 @@ def make_step(apply_fn: Callable, method: Method, optimizer: optax.GradientTrans
         ``optim.sparse_adamw``).
       accum_steps, accum_reduction: gradient accumulation (module doc).
       schedule: the learning-rate schedule inside ``optimizer``, only to report ``lr``.
+      peak_schedule: with the peak rate traced in the optimizer state
+        (:func:`sylva_jax.optim.traced_learning_rate`), ``peak -> schedule``; ``lr`` is
+        then reported as ``peak_schedule(optim.learning_rate_of(opt_state))(step)``.
       loss_fn: ``(params, batch, linear_fn) -> scalar``; default ``lm_loss_fn(apply_fn)``.
     """
     _check_step_args(method, optimizer, accum_steps, accum_reduction)
@@ -294,8 +314,9 @@ def make_step(apply_fn: Callable, method: Method, optimizer: optax.GradientTrans
         new = state.replace(params=params, extras=extras, opt_state=opt_state, step=state.step + 1,
                             rng=rng_next, data_pos=state.data_pos + jnp.asarray(nsamples, state.data_pos.dtype))
         metrics = {"loss": loss, "grad_norm": gnorm, "tokens": tokens}
-        if schedule is not None:
-            metrics["lr"] = jnp.asarray(schedule(state.step), jnp.float32)
+        lr = _reported_lr(state, schedule, peak_schedule)
+        if lr is not None:
+            metrics["lr"] = lr
         return new, metrics
 
     def step(state, batch):
@@ -305,6 +326,19 @@ def make_step(apply_fn: Callable, method: Method, optimizer: optax.GradientTrans
         loss, grads = micro_grad_of(state, trainable_of(state))(mb, i)
         return add_weighted(acc, loss, grads, w)
 
+    return TrainStep(
+        init=_state_init(method, optimizer, trainable_of), step=step,
+        grads=lambda state, batch: gradients(state, batch)[:2],
+        micro_step=micro_step, apply_gradients=apply_gradients,
+        zero_grads=lambda state: zero_accumulator(jax.eval_shape(trainable_of, state)),
+        merge=lambda state: method.merge(state.params, state.extras),
+        method=method, optimizer=optimizer, accum_steps=k, schedule=schedule,
+        peak_schedule=peak_schedule)
+
+
+def _state_init(method: Method, optimizer, trainable_of) -> Callable[..., TrainState]:
+    """``TrainStep.init``: a fresh :class:`TrainState` (extras from ``method.init`` unless
+    given)."""
     def init(params, *, seed: int = 0, extras: Any = None, data_pos: int = 0) -> TrainState:
         key = jax.random.PRNGKey(seed)
         if extras is None:
@@ -313,12 +347,21 @@ def make_step(apply_fn: Callable, method: Method, optimizer: optax.GradientTrans
                            rng=key, data_pos=jnp.asarray(data_pos, jnp.int32))
         return state.replace(opt_state=optimizer.init(trainable_of(state)))
 
-    return TrainStep(
-        init=init, step=step, grads=lambda state, batch: gradients(state, batch)[:2],
-        micro_step=micro_step, apply_gradients=apply_gradients,
-        zero_grads=lambda state: zero_accumulator(jax.eval_shape(trainable_of, state)),
-        merge=lambda state: method.merge(state.params, state.extras),
-        method=method, optimizer=optimizer, accum_steps=k, schedule=schedule)
+    return init
+
+
+def _reported_lr(state: TrainState, schedule, peak_schedule) -> jax.Array | None:
+    """The rate of the update from ``state`` (``make_step``'s ``schedule`` /
+    ``peak_schedule``), or ``None`` when the step does not know it."""
+    if peak_schedule is not None:
+        peak = optim.learning_rate_of(state.opt_state)
+        if peak is None:
+            raise ValueError("make_step got peak_schedule but the optimizer state has no traced "
+                             "learning rate; build it with optim.traced_learning_rate")
+        return jnp.asarray(peak_schedule(peak)(state.step), jnp.float32)
+    if schedule is not None:
+        return jnp.asarray(schedule(state.step), jnp.float32)
+    return None
 
 
 # --------------------------------------------------------------------------------------
@@ -331,8 +374,10 @@ class Trainer:
     """What :func:`make_train_step` returns. ``step`` is jitted with the state DONATED (its
     buffers are reused for the new state; do not touch the old state afterwards).
 
-    init: ``(params=None, *, seed=0, lora=None, data_pos=0) -> TrainState`` (``lora``: given
-      LoRA factors instead of fresh ones); also sets ``num_trainable``.
+    init: ``(params=None, *, seed=0, lora=None, data_pos=0, extras=None, learning_rate=None)
+      -> TrainState`` (``lora`` / ``extras``: given extras, e.g. LoRA factors or traced tile
+      coordinates, instead of fresh ones; ``learning_rate``: the traced peak rate); also sets
+      ``num_trainable``.
     step, grads: the jitted :class:`TrainStep` functions (``step`` checks the batch).
     logits: ``(state, input_ids, attention_mask=None, positions=None)`` -> ``[B, T, V]``, or
       ``[B, V]`` at ``positions [B]`` (the LM head then runs only there when ``apply_fn``
@@ -481,10 +526,36 @@ def _logits_fn(apply: Callable, method: Method) -> Callable:
 
 
 def _default_optimizer(method, *, learning_rate, schedule, warmup_steps, total_steps, b1, b2, eps,
-                       weight_decay):
-    """(the method's AdamW on ``make_schedule(...)``, the schedule)."""
-    sched = make_schedule(schedule, learning_rate, warmup_steps=warmup_steps, total_steps=total_steps)
-    return method.adamw(sched, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay), sched
+                       weight_decay, traced_lr=False):
+    """``(optimizer, schedule, peak_schedule)``: the method's AdamW on ``make_schedule(...)``;
+    with ``traced_lr`` the peak ``learning_rate`` is a value of the optimizer state
+    (``optim.traced_learning_rate``) and ``peak_schedule`` replaces ``schedule``."""
+    def peak_schedule(peak):
+        return make_schedule(schedule, peak, warmup_steps=warmup_steps, total_steps=total_steps)
+
+    def build(learning_rate):
+        return method.adamw(peak_schedule(learning_rate), b1=b1, b2=b2, eps=eps,
+                            weight_decay=weight_decay)
+
+    if traced_lr:
+        peak_schedule(jnp.float32(learning_rate))    # bad schedule arguments fail here, not in jit
+        return optim.traced_learning_rate(build, learning_rate), None, peak_schedule
+    sched = peak_schedule(learning_rate)
+    return method.adamw(sched, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay), sched, None
+
+
+def _optimizer_of(method, optimizer, *, max_grad_norm, traced_lr, **adamw_kw):
+    """``(optimizer, schedule, peak_schedule)`` of :func:`make_train_step`: the given one or
+    the method's AdamW (:func:`_default_optimizer`), after a global-norm clip if asked."""
+    sched = peak_sched = None
+    if optimizer is None:
+        optimizer, sched, peak_sched = _default_optimizer(method, traced_lr=traced_lr, **adamw_kw)
+    elif traced_lr:
+        raise ValueError("traced_lr applies to the default optimizer; with optimizer= given, "
+                         "build it with optim.traced_learning_rate yourself")
+    if max_grad_norm is not None:
+        optimizer = optax.chain(optax.clip_by_global_norm(float(max_grad_norm)), optimizer)
+    return optimizer, sched, peak_sched
 
 
 def make_train_step(
@@ -514,6 +585,7 @@ def make_train_step(
     apply_fn: Callable | None = None,
     loss_fn: Callable | None = None,
     donate: bool = True,
+    traced_lr: bool = False,
 ) -> Trainer:
     """The jitted training step of ``method`` (:func:`make_step` underneath).
 
@@ -540,6 +612,12 @@ def make_train_step(
         LM head alone, the head fused with the cross-entropy (``llama.loss``), else the
         token-mean ``lm_loss`` of the logits.
       donate: donate the state to the jitted step (default; the old state is invalid after).
+      traced_lr: the default optimizer's peak ``learning_rate`` becomes a value of the
+        optimizer state (:func:`sylva_jax.optim.traced_learning_rate`): set it per run with
+        ``init(..., learning_rate=)`` or :func:`with_learning_rate`, one compiled step for
+        every rate (``Trainer.schedule`` is then ``None``; ``lr`` is still reported).
+        With ``methods.sylva_traced`` and ``init(..., extras=coords)`` the tiles are
+        traced too: one compilation per shape serves every arm.
     """
     spec = _method_of(method, adapter=adapter, backend=backend, scope=scope, lora_rank=lora_rank,
                       lora_alpha=lora_alpha, lora_dropout=lora_dropout, lora_dropout_impl=lora_dropout_impl)
@@ -548,17 +626,14 @@ def make_train_step(
         raise ValueError(f"accum_mode must be 'scan' or 'loop', got {accum_mode!r}")
     graphdef, apply_fn, model_params = _resolve_model(model_or_graphdef, apply_fn)
     apply = functools.partial(apply_fn, graphdef)
-    sched = None
-    if optimizer is None:
-        optimizer, sched = _default_optimizer(
-            spec, learning_rate=learning_rate, schedule=schedule, warmup_steps=warmup_steps,
-            total_steps=total_steps, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
-    if max_grad_norm is not None:
-        optimizer = optax.chain(optax.clip_by_global_norm(float(max_grad_norm)), optimizer)
+    optimizer, sched, peak_sched = _optimizer_of(
+        spec, optimizer, max_grad_norm=max_grad_norm, traced_lr=traced_lr, learning_rate=learning_rate,
+        schedule=schedule, warmup_steps=warmup_steps, total_steps=total_steps, b1=b1, b2=b2, eps=eps,
+        weight_decay=weight_decay)
     if loss_fn is None:
         loss_fn = _default_loss_fn(graphdef, apply_fn, spec)
     core = make_step(apply, spec, optimizer, accum_steps=accum_steps, accum_reduction=accum_reduction,
-                     schedule=sched, loss_fn=loss_fn)
+                     schedule=sched, peak_schedule=peak_sched, loss_fn=loss_fn)
     return _trainer(core, apply, model_params, accum_mode=accum_mode, accum_reduction=accum_reduction,
                     donate=donate)
 
@@ -571,13 +646,22 @@ def _trainer(core: TrainStep, apply: Callable, model_params: Any, *, accum_mode:
     jit_grads = jax.jit(core.grads)
     jit_logits = jax.jit(_logits_fn(apply, spec))
 
-    def init(params=None, *, seed: int = 0, lora: Any = None, data_pos: int = 0) -> TrainState:
+    def init(params=None, *, seed: int = 0, lora: Any = None, data_pos: int = 0,
+             extras: Any = None, learning_rate=None) -> TrainState:
         """A fresh state. The state OWNS ``params``: the donated step reuses their buffers,
-        so copy them first (``jax.tree.map(jnp.copy, params)``) if you need the originals."""
+        so copy them first (``jax.tree.map(jnp.copy, params)``) if you need the originals.
+        ``extras``: the method's extras instead of fresh ones (``lora``: the same, named for
+        LoRA factors; ``sylva_traced``: ``layout.coords(masks)``); ``learning_rate``: the
+        traced peak rate of this state (``traced_lr=True`` only)."""
         params = model_params if params is None else params
         if params is None:
             raise ValueError("init needs params (make_train_step got a graphdef, not a model)")
-        state = core.init(params, seed=seed, extras=lora, data_pos=data_pos)
+        if lora is not None and extras is not None:
+            raise ValueError("give the extras once: extras= (or lora= for LoRA factors)")
+        state = core.init(params, seed=seed, extras=lora if extras is None else extras,
+                          data_pos=data_pos)
+        if learning_rate is not None:
+            state = with_learning_rate(state, learning_rate)
         trainer.num_trainable = spec.num_trainable(state.params, state.extras)
         return state
 
