@@ -192,6 +192,10 @@ def test_compute_masks_end_to_end():
     # kfac (float64 NumPy on the same dense statistics) agrees with sylva on dense factors
     mk, _ = importance.compute_masks(model, batches, method="kfac", **kw)
     assert all(np.array_equal(mk[n], md[n]) for n in mk)
+    # fisher turns per-sample gradients on; a global budget keeps the same total
+    mf, rep = importance.compute_masks(model, batches, method="fisher", allocation="global", **kw)
+    assert rep["kept_tiles"] == 48 and sum(rep["kept"].values()) == 48
+    assert rep["kept"] == {n: int(m.sum()) for n, m in mf.items()} and min(rep["kept"].values()) >= 1
     # methods without statistics run no calibration pass
     mm, rep = importance.compute_masks(model, None, scope="mlp", sparsity=0.5, block_size=BS,
                                        method="magnitude")
