@@ -239,3 +239,16 @@ def test_proportional_hand_example():
     assert allocation.kept_counts(big, 0.5, "proportional") == {"a": 1, "b": 2}
     with pytest.raises(ValueError, match="unknown allocation 'nope'"):
         allocation.kept_counts(sc, 0.5, "nope")
+
+
+@pytest.mark.parametrize("method", ["newton", "tile_newton"])
+def test_newton_scores_do_not_depend_on_how_the_scale_is_split(method):
+    """The split damping makes A -> c A, G -> G / c (same Kronecker product) a no-op."""
+    s = make_layer(np.random.default_rng(8), 2 * BS, 3 * BS)
+    base = importance.tile_scores(stats_of(s), block_size=BS, method=method)["w"]
+    c = 7.0
+    s.A = s.A.replace(mat=s.A.mat * c)
+    s.G = s.G.replace(mat=s.G.mat / c)
+    s.A_dense, s.G_dense = s.A_dense * c, s.G_dense / c
+    np.testing.assert_allclose(importance.tile_scores(stats_of(s), block_size=BS, method=method)["w"],
+                               base, rtol=1e-4)
