@@ -24,7 +24,8 @@ import numpy as np
 
 from sylva_jax import capture
 from sylva_jax import masks as masks_lib
-from sylva_jax.allocation import ALLOCATIONS, check_sparsity as _check_sparsity, kept_counts, num_kept
+from sylva_jax.allocation import ALLOCATIONS, kept_counts, num_kept
+from sylva_jax.allocation import check_sparsity as _check_sparsity
 from sylva_jax.scorers import SCORERS, Settings
 from sylva_jax.statistics import LayerStats, Stats
 
