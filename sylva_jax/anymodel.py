@@ -745,6 +745,7 @@ def capture(
     relative_damping: bool = False,
     keep_dense: bool = False,
     token_update: str = "auto",
+    per_sample: bool = False,
 ) -> Stats:
     """Calibration statistics for any model (``docs/algorithm.md`` §1).
 
@@ -771,6 +772,8 @@ def capture(
         ``P`` positions per sample uses the mask when ``P == T``, and no mask when ``P == 1``.
       num_partition, factor, factor_kind, damping, relative_damping, keep_dense,
         token_update: as :func:`sylva_jax.capture.preprocess`.
+      per_sample: not supported here (``ValueError``): per-sample squared gradients (for
+        the ``fisher`` / ``adam_gain`` scorers) come from ``capture.preprocess`` only.
 
     Per sample ``n`` and tracked product ``y = x M^T`` (``x [*lead, in]``, leading axes
     sample-major): ``a_n`` = mean of ``x`` over the sample's real positions, ``g_n`` = mean of
@@ -782,10 +785,7 @@ def capture(
         product (tied/shared, gather, scan, scaled, ...), or never.
       ValueError: no samples, bad batches or masks, non-finite statistics.
     """
-    check_choice("factor", factor, FACTORS)
-    check_choice("factor_kind", factor_kind, FACTOR_KINDS)
-    if int(num_samples) < 1:
-        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    _check_args(factor, factor_kind, num_samples, per_sample)
     chosen = match_scope(scope, list(_candidates(params)))
     it = _take(batches, int(num_samples), token_mask)
     first = next(it, None)
@@ -798,8 +798,31 @@ def capture(
     acc = StatsAccumulator.create(
         {p: products0[p][0].shape for p in chosen}, num_partition=num_partition, factor=factor,
         factor_kind=factor_kind, keep_dense=keep_dense, token_update=token_update)
+    state, seen = _accumulate(programs, acc, scoped, itertools.chain([first], it))
+    matrices = {p: _matrix(scoped[p], _idx_m(products0[p][0], None), products0[p][0].layout)
+                for p in chosen}
+    return acc.finalize(
+        state, matrices, num_samples=seen, requested=num_samples, scope=scope,
+        damping=damping, relative_damping=relative_damping,
+        total_params=sum(np.size(x) for x in flat.values() if _is_array(x)))
+
+
+def _check_args(factor, factor_kind, num_samples, per_sample) -> None:
+    check_choice("factor", factor, FACTORS)
+    check_choice("factor_kind", factor_kind, FACTOR_KINDS)
+    if int(num_samples) < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    if per_sample:
+        raise ValueError(
+            "per_sample=True (per-sample squared gradients, for the fisher / adam_gain "
+            "scorers) is not supported by anymodel.capture; use capture.preprocess with a "
+            "model routing its linear layers through linear_fn, or another scorer")
+
+
+def _accumulate(programs, acc: StatsAccumulator, scoped, batches) -> tuple[dict, int]:
+    """The accumulator state after every ``(batch, mask)`` and the number of samples seen."""
     state, seen = acc.init(), 0
-    for batch, mask in itertools.chain([first], it):
+    for batch, mask in batches:
         step, traced, batch_pos = programs.step(acc, batch, mask is not None)
         B = _leading_dim(batch, seen)
         dyn = list(traced.dyn)
@@ -807,12 +830,7 @@ def capture(
             dyn[i] = leaf
         state = step(state, scoped, dyn, mask)
         seen += B
-    matrices = {p: _matrix(scoped[p], _idx_m(products0[p][0], None), products0[p][0].layout)
-                for p in chosen}
-    return acc.finalize(
-        state, matrices, num_samples=seen, requested=num_samples, scope=scope,
-        damping=damping, relative_damping=relative_damping,
-        total_params=sum(np.size(x) for x in flat.values() if _is_array(x)))
+    return state, seen
 
 
 def _loss_mode(fn, params, batch0) -> str:

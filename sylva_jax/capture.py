@@ -201,22 +201,25 @@ def _merge(params, scoped: Mapping[str, jax.Array]):
 
 
 def _batch_statistics(fn: FunctionalModel, scoped, params, extra, input_ids, attention_mask,
-                      labels, *, factor: str):
+                      labels, *, factor: str, per_sample: bool = False):
     """Traceable core of :func:`sample_statistics`.
 
-    Returns ``(acts, grads_y, grads_w)`` dicts keyed by layer:
+    Returns ``(acts, grads_y, grads_w, grads_w_sq)`` dicts keyed by layer:
     ``factor="mean"``:   ``acts [B, in]`` token means, ``grads_y [B, out]`` token means of
                          ``dL_n/dy``;
     ``factor="tokens"``: ``acts [B, T, in]`` and ``grads_y [B, T, out]``, zero at padding;
-    ``grads_w [out, in]`` float32 = ``sum_n dL_n/dW`` over the batch.
+    ``grads_w [out, in]`` float32 = ``sum_n dL_n/dW`` over the batch;
+    ``grads_w_sq [out, in]`` float32 = ``sum_n (dL_n/dW)^2`` (``per_sample=True``; else
+    ``None``): each sample's exact weight gradient ``dL_n/dW = sum_t g_{n,t} x_{n,t}^T``
+    from per-token probes (``g_{n,t} = dL_n/dy_t``), squared, summed over the batch (a
+    transient ``[B, out, in]`` per layer).
     """
     B, T = input_ids.shape
     m = attention_mask.astype(jnp.float32)
     inv_count = 1.0 / jnp.maximum(m.sum(axis=1), 1.0)  # [B]
-    if factor == "mean":
-        probes = {n: jnp.zeros((B, w.shape[0]), jnp.float32) for n, w in scoped.items()}
-    else:
-        probes = {n: jnp.zeros((B, T, w.shape[0]), jnp.float32) for n, w in scoped.items()}
+    token_probes = factor == "tokens" or per_sample
+    shape = (lambda w: (B, T, w.shape[0])) if token_probes else (lambda w: (B, w.shape[0]))
+    probes = {n: jnp.zeros(shape(w), jnp.float32) for n, w in scoped.items()}
 
     def loss_fn(diff):
         ws, ps = diff
@@ -225,34 +228,37 @@ def _batch_statistics(fn: FunctionalModel, scoped, params, extra, input_ids, att
         def hook(name, x, w, b):
             y = dense_linear(x, w, b)
             if name in ps:
-                xf = x.astype(jnp.float32)
-                if factor == "mean":
-                    acts[name] = jnp.einsum("bti,bt->bi", xf, m) * inv_count[:, None]
-                    e = ps[name][:, None, :] * m[:, :, None]
-                else:
-                    acts[name] = xf * m[:, :, None]
-                    e = ps[name] * m[:, :, None]
-                y = y + e.astype(y.dtype)
+                xt = x.astype(jnp.float32) * m[:, :, None]
+                acts[name] = xt if token_probes else jnp.einsum("bti->bi", xt) * inv_count[:, None]
+                p = ps[name] if token_probes else ps[name][:, None, :]
+                y = y + (p * m[:, :, None]).astype(y.dtype)
             return y
 
         logits = fn.apply(_merge(params, ws), extra, input_ids, attention_mask, hook)
         return lm_loss(logits, labels, reduction="sample_sum"), acts
 
     (gw, gp), acts = jax.grad(loss_fn, has_aux=True)((scoped, probes))
-    if factor == "mean":
-        gy = {n: g * inv_count[:, None] for n, g in gp.items()}
-    else:
-        gy = gp
     gw = {n: g.astype(jnp.float32) for n, g in gw.items()}
-    return acts, gy, gw
+    gw_sq = None
+    if per_sample:
+        gw_sq = {n: jnp.sum(jnp.square(jnp.einsum("bto,bti->boi", gp[n], acts[n],
+                                                  precision=jax.lax.Precision.HIGHEST)), axis=0)
+                 for n in gp}
+    if factor == "mean" and token_probes:
+        acts = {n: a.sum(axis=1) * inv_count[:, None] for n, a in acts.items()}
+        gp = {n: g.sum(axis=1) for n, g in gp.items()}
+    gy = {n: g * inv_count[:, None] for n, g in gp.items()} if factor == "mean" else gp
+    return acts, gy, gw, gw_sq
 
 
-def sample_statistics(model, batch: Mapping[str, Any], *, scope, factor: str = "mean"):
+def sample_statistics(model, batch: Mapping[str, Any], *, scope, factor: str = "mean",
+                      per_sample: bool = False):
     """Per-sample statistics of one batch (``docs/algorithm.md`` §1), without accumulation.
 
     Returns ``(a, g, grad_w)``: dicts keyed by weight path with ``a [B, in]``,
     ``g [B, out]`` (``[B, T, in]`` / ``[B, T, out]`` for ``factor="tokens"``, zero at
-    padding) and ``grad_w [out, in] = sum_n dL_n/dW``. Meant for inspection and tests;
+    padding) and ``grad_w [out, in] = sum_n dL_n/dW``; with ``per_sample=True`` also
+    ``grad_w_sq [out, in] = sum_n (dL_n/dW)^2`` (a 4-tuple). Meant for inspection and tests;
     :func:`preprocess` fuses the same computation with the factor updates.
     """
     check_choice("factor", factor, FACTORS)
@@ -260,13 +266,16 @@ def sample_statistics(model, batch: Mapping[str, Any], *, scope, factor: str = "
     names = _resolve_scope(fn, scope)
     scoped = {n: w for n, w in tree_lib.flatten(fn.params).items() if n in names}
     ids, am, labels = _check_batch(batch, 0)
-    return _sample_statistics_fn(fn.apply, factor)(scoped, fn.params, fn.extra, ids, am, labels)
+    out = _sample_statistics_fn(fn.apply, factor, bool(per_sample))(
+        scoped, fn.params, fn.extra, ids, am, labels)
+    return out if per_sample else out[:3]
 
 
 @functools.lru_cache(maxsize=32)
-def _sample_statistics_fn(apply: Callable, factor: str):
+def _sample_statistics_fn(apply: Callable, factor: str, per_sample: bool):
     fn = FunctionalModel(apply, None, None)
-    return jax.jit(lambda s, p, e, i, a, l: _batch_statistics(fn, s, p, e, i, a, l, factor=factor))
+    return jax.jit(lambda s, p, e, i, a, l: _batch_statistics(
+        fn, s, p, e, i, a, l, factor=factor, per_sample=per_sample))
 
 
 # --------------------------------------------------------------------------------------
@@ -323,9 +332,9 @@ def _make_step(apply: Callable, acc: StatsAccumulator):
     fn = FunctionalModel(apply, None, None)
 
     def step(state, scoped, params, extra, ids, am, labels):
-        acts, gy, gw = _batch_statistics(fn, scoped, params, extra, ids, am, labels,
-                                         factor=acc.factor)
-        return acc.update(state, acts, gy, gw)
+        acts, gy, gw, gw_sq = _batch_statistics(fn, scoped, params, extra, ids, am, labels,
+                                                factor=acc.factor, per_sample=acc.per_sample)
+        return acc.update(state, acts, gy, gw, gw_sq)
 
     return jax.jit(step, donate_argnums=0)
 
@@ -343,6 +352,7 @@ def preprocess(
     relative_damping: bool = False,
     keep_dense: bool = False,
     token_update: str = "auto",
+    per_sample: bool = False,
 ) -> Stats:
     """Calibration forward/backward passes (``docs/algorithm.md`` §1).
 
@@ -370,6 +380,9 @@ def preprocess(
         the exact sum; ``4 dim^2`` bytes per factor), ``"stream"`` (``update_block`` per
         batch; no ``dim x dim`` array, much slower) or ``"auto"`` (exact when all dense
         accumulators fit in ``EXACT_TOKEN_BYTES``, 2 GiB).
+    per_sample: also accumulate ``grad_sq_mean = (1/N) sum_n (dL_n/dW)^2`` (exact
+        per-sample gradients from per-token probes; for the ``fisher`` and ``adam_gain``
+        scorers). Costs a transient ``[B, out, in]`` per layer and per-token probes.
 
     Factors are sums over samples (no ``1/N``); ``grad_mean`` is the mean over samples.
     Raises ``ValueError`` naming the layer(s) if any statistic or inverse diagonal is
@@ -383,7 +396,8 @@ def preprocess(
     scoped = _lookup_weights(fn, _resolve_scope(fn, scope))
     acc = StatsAccumulator.create(
         {n: w.shape for n, w in scoped.items()}, num_partition=num_partition, factor=factor,
-        factor_kind=factor_kind, keep_dense=keep_dense, token_update=token_update)
+        factor_kind=factor_kind, keep_dense=keep_dense, token_update=token_update,
+        per_sample=per_sample)
     step = _make_step(fn.apply, acc)
     state, seen = acc.init(), 0
     bar = Progress(int(num_samples), "calibration", unit="sample", delay_s=5)

@@ -1,54 +1,58 @@
 """Tile importance and top-k block masks (``docs/algorithm.md`` §4).
 
 Every method maps a layer's statistics to a score per ``block_size x block_size`` tile of
-its weight ``W [out, in]`` (tile ``(r, c)`` = ``W[r*bs:(r+1)*bs, c*bs:(c+1)*bs]``), and the
-mask keeps the ``k`` best tiles of each layer. Methods (one signature, for ablations):
+its weight ``W [out, in]`` (tile ``(r, c)`` = ``W[r*bs:(r+1)*bs, c*bs:(c+1)*bs]``); the
+scorers are a registry (:mod:`sylva_jax.scorers`, one module per family, each scorer's
+docstring giving its equation), and :data:`METHODS` lists them. The mask keeps each layer's
+best tiles, as many as the allocation (:mod:`sylva_jax.allocation`) grants it: ``"layer"``
+(``k`` per layer, published), ``"global"`` or ``"proportional"``.
 
-- ``sylva``: hierarchical factors ``A`` (``in x in``) and ``G`` (``out x out``):
-  ``in_imp[i]  = (Gbar[:, i]^T G Gbar[:, i]) / diag((A + l I)^-1)[i]``  (one matmat ``G Gbar``),
-  ``out_imp[o] = (Gbar[o, :] A Gbar[o, :]^T) / diag((G + l I)^-1)[o]``  (one matmat ``A Gbar^T``),
-  ``imp[o, i] = out_imp[o] * in_imp[i]``; tile score = sum of ``imp`` over the tile =
-  ``outer(block_sum(out_imp), block_sum(in_imp))`` (no ``[out, in]`` importance matrix);
-- ``kfac``: the same formula with exact dense factors (float64 NumPy; small models);
-- ``fisher``: tile sum of ``Gbar^2`` (diagonal empirical Fisher, FISH-style);
-- ``grad``: tile sum of ``|Gbar|``;
-- ``magnitude``: tile sum of ``|W|``;
-- ``random``: uniform scores from a generator seeded by ``(seed, crc32(layer name))``.
+- Kronecker: ``sylva`` (the published formula on the HODLR factors), ``sylva_published``
+  (the authors' numerics), ``kfac`` (the formula with exact dense factors), ``newton``
+  (OBS-scored K-FAC Newton step);
+- ``tile_newton``: the exact Newton gain of training one tile alone (tile-diagonal blocks);
+- first order: ``fisher`` (mean per-sample squared gradient; needs ``per_sample=True``
+  calibration), ``grad_sq`` (``Gbar^2``), ``adam_gain`` (gain of an Adam step; per-sample),
+  ``grad`` (``|Gbar|``), ``magnitude`` (``|W|``), ``random``.
 """
 from __future__ import annotations
 
-import functools
-import math
 import time
-import zlib
 from typing import Any, Mapping
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
-from sylva_jax import capture, curvature
+from sylva_jax import capture
 from sylva_jax import masks as masks_lib
+from sylva_jax.allocation import ALLOCATIONS, kept_counts, num_kept
+from sylva_jax.allocation import check_sparsity as _check_sparsity
+from sylva_jax.scorers import SCORERS, Settings
 from sylva_jax.statistics import LayerStats, Stats
 
-__all__ = ["METHODS", "num_kept", "tile_scores", "topk_mask", "select_blocks", "compute_masks"]
+__all__ = ["METHODS", "NEEDS_STATS", "NEEDS_PER_SAMPLE", "NEEDS_DENSE", "ALLOCATIONS",
+           "num_kept", "kept_counts", "tile_scores", "topk_mask", "select_blocks",
+           "compute_masks"]
 
-METHODS = ("sylva", "kfac", "fisher", "grad", "magnitude", "random")
-NEEDS_STATS = ("sylva", "kfac", "fisher", "grad")
-
-
-def _check_sparsity(sparsity) -> float:
-    s = float(sparsity)
-    if not (0.0 <= s < 1.0) or math.isnan(s):
-        raise ValueError(
-            f"sparsity must be in [0, 1) (the fraction of tiles frozen; 0.95 keeps 5%), got {sparsity!r}"
-        )
-    return s
+METHODS = tuple(SCORERS)
+NEEDS_STATS = tuple(m for m, sc in SCORERS.items() if sc.stats)
+NEEDS_PER_SAMPLE = tuple(m for m, sc in SCORERS.items() if sc.per_sample)
+NEEDS_DENSE = tuple(m for m, sc in SCORERS.items() if sc.dense)
 
 
 def _check_method(method):
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; use one of {', '.join(map(repr, METHODS))}")
+
+
+def _scorer_kwargs(method: str, given: Mapping[str, Any]) -> dict:
+    """The scorer's keyword arguments: its defaults updated by ``given`` (``TypeError`` for
+    one it does not take)."""
+    allowed = SCORERS[method].kwargs
+    unknown = sorted(set(given) - set(allowed))
+    if unknown:
+        raise TypeError(f"method {method!r} takes no keyword(s) {unknown}; its keywords are "
+                        f"{sorted(allowed) or 'none'}")
+    return {**allowed, **given}
 
 
 def _check_blocks(shapes: Mapping[str, tuple], block_size: int):
@@ -61,15 +65,6 @@ def _check_blocks(shapes: Mapping[str, tuple], block_size: int):
             f"block_size {block_size} does not divide the shape [out, in] of layer(s): {listing}. "
             "Choose a block size dividing both dimensions, or narrow the scope to exclude them."
         )
-
-
-def num_kept(sparsity: float, n_tiles: int) -> int:
-    """``k = round((1 - sparsity) * n_tiles)``, rounding halves up, at least 1 (sparsity < 1).
-
-    A ``1e-9`` guard absorbs binary round-off so that e.g. ``(1 - 0.7) * 10`` gives 3."""
-    s = _check_sparsity(sparsity)
-    k = int(math.floor((1.0 - s) * n_tiles + 0.5 + 1e-9))
-    return min(max(k, 1), n_tiles)
 
 
 def topk_mask(scores: np.ndarray, k: int, name: str = "layer") -> np.ndarray:
@@ -120,142 +115,112 @@ def spread_topk_mask(scores: np.ndarray, k: int, name: str = "layer") -> np.ndar
     return mask
 
 
-@functools.partial(jax.jit, static_argnames="bs")
-def _tile_sum(x, *, bs):
-    o, i = x.shape
-    return x.astype(jnp.float32).reshape(o // bs, bs, i // bs, bs).sum(axis=(1, 3))
-
-
-def _block_sum(v, bs):
-    return np.asarray(v, np.float64).reshape(-1, bs).sum(axis=1)
-
-
-@jax.jit
-def _sylva_vectors(A, G, gbar, inv_a, inv_g):
-    """``(out_imp [out], in_imp [in])`` from factors, ``Gbar [out, in]`` and inverse diagonals."""
-    gg = curvature.matmat(G, gbar)                 # [out, in] = G Gbar
-    in_imp = jnp.sum(gbar * gg, axis=0) / inv_a
-    ag = curvature.matmat(A, gbar.T)               # [in, out] = A Gbar^T = (Gbar A)^T
-    out_imp = jnp.sum(gbar.T * ag, axis=0) / inv_g
-    return out_imp, in_imp
-
-
-def _inv_diag_dense(F: np.ndarray, damping: float, relative: bool) -> np.ndarray:
-    F = np.asarray(F, np.float64)
-    lam = damping * float(np.mean(np.diag(F))) if relative else damping
-    return np.diag(np.linalg.inv(F + lam * np.eye(F.shape[0])))
-
-
-def _kfac_vectors(s: LayerStats, damping: float, relative: bool):
-    if s.A_dense is None or s.G_dense is None:
-        raise ValueError(
-            f"method 'kfac' needs exact dense factors for {s.name}; run preprocess with "
-            "keep_dense=True or factor_kind='dense'"
-        )
-    gbar = np.asarray(s.grad_mean, np.float64)
-    A, G = np.asarray(s.A_dense, np.float64), np.asarray(s.G_dense, np.float64)
-    in_imp = np.einsum("oi,oi->i", gbar, G @ gbar) / _inv_diag_dense(A, damping, relative)
-    out_imp = np.einsum("oi,oi->o", gbar, gbar @ A) / _inv_diag_dense(G, damping, relative)
-    return out_imp, in_imp
-
-
 def tile_scores(stats: Stats, *, block_size: int = 64, method: str = "sylva",
-                seed: int = 0, damping: float = 1e-6, relative_damping: bool | None = None
+                seed: int = 0, damping: float | None = None,
+                relative_damping: bool | None = None, **scorer_kwargs
                 ) -> dict[str, np.ndarray]:
-    """``{weight path: float64 [out/bs, in/bs]}`` tile scores (module docstring)."""
+    """``{weight path: float64 [out/bs, in/bs]}`` tile scores of ``method``.
+
+    ``damping=None``: the scorer's default (``1e-6`` for the Sylva family and ``kfac``,
+    ``1e-2`` relative for ``newton`` / ``tile_newton``); ``relative_damping=None``: the
+    ``Stats``' setting (Sylva family). ``scorer_kwargs``: the method's own keywords
+    (``adam_gain``: ``b``, ``eps``; ``sylva_published``: ``published_matvec``).
+    """
     _check_method(method)
     bs = int(block_size)
     _check_blocks({n: s.shape for n, s in stats.items()}, bs)
-    if method in NEEDS_STATS and any(s.grad_mean is None for s in stats.values()):
+    scorer = SCORERS[method]
+    if scorer.stats and any(s.grad_mean is None for s in stats.values()):
         raise ValueError(f"method {method!r} needs calibration statistics; use preprocess() "
                          "(or compute_masks) rather than weights-only Stats")
     relative = getattr(stats, "relative_damping", False) if relative_damping is None else relative_damping
-    inv = stats.inv_diags(damping, relative) if method == "sylva" else None
-    # first dispatch every layer's device work (asynchronous), then bring results to the host
-    raw = {}
-    for n, s in stats.items():
-        o, i = s.shape
-        if method == "sylva":
-            raw[n] = _sylva_vectors(s.A, s.G, s.grad_mean, *inv[n])
-        elif method == "kfac":
-            raw[n] = _kfac_vectors(s, damping, relative)
-        elif method == "fisher":
-            raw[n] = _tile_sum(jnp.square(s.grad_mean), bs=bs)
-        elif method == "grad":
-            raw[n] = _tile_sum(jnp.abs(s.grad_mean), bs=bs)
-        elif method == "magnitude":
-            raw[n] = _tile_sum(jnp.abs(s.weight), bs=bs)
-        else:  # random
-            rng = np.random.default_rng([int(seed), zlib.crc32(n.encode())])
-            raw[n] = rng.random((o // bs, i // bs))
-    out = {}
-    for n, r in raw.items():
-        if method in ("sylva", "kfac"):
-            oi, ii = r  # tile score = outer product of block-summed importance vectors
-            r = np.outer(_block_sum(oi, bs), _block_sum(ii, bs))
-        out[n] = np.asarray(r, np.float64)
-    return out
+    cfg = Settings(block_size=bs, seed=int(seed), damping=damping, relative_damping=bool(relative),
+                   stats=stats, kwargs=_scorer_kwargs(method, scorer_kwargs))
+    return {n: np.asarray(scorer.fn(s, cfg), np.float64) for n, s in stats.items()}
 
 
 def select_blocks(stats: Stats, *, sparsity: float, block_size: int = 64,
-                  method: str = "sylva", seed: int = 0, damping: float = 1e-6,
-                  spread: bool = False) -> dict[str, np.ndarray]:
-    """Top-k tile masks per layer: ``{weight path: bool [out/bs, in/bs]}``.
+                  method: str = "sylva", seed: int = 0, damping: float | None = None,
+                  spread: bool = False, allocation: str = "layer",
+                  **scorer_kwargs) -> dict[str, np.ndarray]:
+    """Tile masks: ``{weight path: bool [out/bs, in/bs]}``.
 
-    ``spread=True`` caps the tiles per row and column of tiles (:func:`spread_topk_mask`).
-
-    ``k = round((1 - sparsity) * n_tiles)`` (halves up; at least one tile) per layer, ties
-    broken by the lower tile index. ``stats`` comes from :func:`capture.preprocess` (or a
-    weights-only ``Stats`` for ``magnitude`` / ``random``). Errors: sparsity outside
-    ``[0, 1)``, unknown method, a block size not dividing a layer's dimensions.
+    Each layer keeps its best ``count`` tiles, ties broken by the lower tile index;
+    ``count = round((1 - sparsity) * n_tiles)`` (halves up; at least one tile) per layer for
+    ``allocation="layer"``; ``"global"`` / ``"proportional"`` redistribute the same total
+    (:func:`sylva_jax.allocation.kept_counts`). ``spread=True`` caps the tiles per row and
+    column of tiles (:func:`spread_topk_mask`). ``stats`` comes from
+    :func:`capture.preprocess` (or a weights-only ``Stats`` for ``magnitude`` / ``random``).
+    Errors: sparsity outside ``[0, 1)``, unknown method or allocation, a block size not
+    dividing a layer's dimensions.
     """
     _check_sparsity(sparsity)
-    scores = tile_scores(stats, block_size=block_size, method=method, seed=seed, damping=damping)
+    scores = tile_scores(stats, block_size=block_size, method=method, seed=seed, damping=damping,
+                         **scorer_kwargs)
+    counts = kept_counts(scores, sparsity, allocation)
     pick = spread_topk_mask if spread else topk_mask
-    return {n: pick(sc, num_kept(sparsity, sc.size), n) for n, sc in scores.items()}
+    return {n: pick(sc, counts[n], n) for n, sc in scores.items()}
 
 
 _PREPROCESS_KEYS = ("num_samples", "num_partition", "factor", "factor_kind", "keep_dense",
-                    "relative_damping")
+                    "relative_damping", "per_sample", "token_update")
+
+
+def _preprocess_kw(method: str, given: Mapping[str, Any]) -> dict:
+    """``given`` with what ``method`` needs turned on: exact dense factors for
+    :data:`NEEDS_DENSE` (unless the factors are dense already), per-sample squared gradients
+    for :data:`NEEDS_PER_SAMPLE`."""
+    unknown = set(given) - set(_PREPROCESS_KEYS)
+    if unknown:
+        raise TypeError(f"unknown keyword(s) {sorted(unknown)}; preprocess accepts {_PREPROCESS_KEYS}")
+    kw = dict(given)
+    if method in NEEDS_DENSE and kw.get("factor_kind", "hodlr") != "dense":
+        kw["keep_dense"] = True
+    if method in NEEDS_PER_SAMPLE:
+        kw["per_sample"] = True
+    return kw
 
 
 def compute_masks(model, batches, *, scope, sparsity: float, block_size: int = 64,
-                  method: str = "sylva", seed: int = 0, damping: float = 1e-6,
+                  method: str = "sylva", seed: int = 0, damping: float | None = None,
+                  allocation: str = "layer", scorer_kwargs: Mapping[str, Any] | None = None,
                   **preprocess_kw) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """Pre-processing and mask selection in one call.
 
     Returns ``(masks, report)``; ``report`` is :func:`sylva_jax.masks.mask_report` plus the
-    method, the settings and wall times (``seconds``: ``preprocess``, ``select``).
-    ``magnitude`` and ``random`` skip the calibration passes (``batches`` is then unused).
-    ``preprocess_kw`` go to :func:`capture.preprocess` (``num_samples``, ``num_partition``,
-    ``factor``, ``factor_kind``, ``keep_dense``, ``relative_damping``); ``kfac`` turns
-    ``keep_dense`` on unless the factors are dense already.
+    method, the settings, the per-layer kept counts (``kept``) and wall times (``seconds``:
+    ``preprocess``, ``select``). ``magnitude`` and ``random`` skip the calibration passes
+    (``batches`` is then unused). ``preprocess_kw`` go to :func:`capture.preprocess`
+    (``num_samples``, ``num_partition``, ``factor``, ``factor_kind``, ``keep_dense``,
+    ``relative_damping``, ``per_sample``, ``token_update``); ``kfac`` turns ``keep_dense`` on
+    unless the factors are dense already, ``fisher`` / ``adam_gain`` turn ``per_sample`` on.
+    ``damping``: the scorer's (``None``: its default); the inverse diagonals computed during
+    pre-processing use ``1e-6`` when it is ``None``. ``scorer_kwargs``: the method's own
+    keywords (:func:`tile_scores`).
     """
     _check_sparsity(sparsity)
     _check_method(method)
-    unknown = set(preprocess_kw) - set(_PREPROCESS_KEYS)
-    if unknown:
-        raise TypeError(f"unknown keyword(s) {sorted(unknown)}; preprocess accepts {_PREPROCESS_KEYS}")
+    kw = _preprocess_kw(method, preprocess_kw)
     fn = capture.functional_model(model)
     weights = capture.scoped_weights(fn, scope)
     _check_blocks({n: w.shape for n, w in weights.items()}, int(block_size))
 
     t0 = time.perf_counter()
     if method in NEEDS_STATS:
-        kw = dict(preprocess_kw)
-        if method == "kfac" and kw.get("factor_kind", "hodlr") != "dense":
-            kw["keep_dense"] = True
-        stats = capture.preprocess(fn, batches, scope=scope, damping=damping, **kw)
+        stats = capture.preprocess(fn, batches, scope=scope,
+                                   damping=1e-6 if damping is None else damping, **kw)
     else:
         stats = Stats(layers={n: LayerStats(name=n, weight=w) for n, w in weights.items()},
                       scope=scope)
     t1 = time.perf_counter()
     masks = select_blocks(stats, sparsity=sparsity, block_size=block_size, method=method,
-                          seed=seed, damping=damping)
+                          seed=seed, damping=damping, allocation=allocation,
+                          **dict(scorer_kwargs or {}))
     t2 = time.perf_counter()
     report = masks_lib.mask_report(masks, fn.params)
     report.update(method=method, sparsity_requested=float(sparsity), block_size=int(block_size),
-                  seed=int(seed), num_samples=int(stats.num_samples),
+                  seed=int(seed), num_samples=int(stats.num_samples), allocation=allocation,
+                  kept={n: int(m.sum()) for n, m in masks.items()},
                   seconds={"preprocess": t1 - t0, "select": t2 - t1})
     if method in NEEDS_STATS:
         report.update(factor=stats.factor, factor_kind=stats.factor_kind,

@@ -8,14 +8,16 @@ interpreter of :mod:`sylva_jax.anymodel`) computes per batch
   token, zero at padding) for ``factor="tokens"``;
 - ``grads_y[layer]``: ``g_n [B, out]`` or ``[B, T, out]`` likewise for ``dL_n/dy``;
 - ``grads_w[layer]``: ``sum_n dL_n/dW [out, in]`` float32 over the batch,
+- ``grads_w_sq[layer]`` (``per_sample=True`` only): ``sum_n (dL_n/dW)^2 [out, in]``, the
+  elementwise squares of each sample's own weight gradient,
 
 and feeds them to a :class:`StatsAccumulator`, as kfac-jax feeds its curvature blocks:
 
 ``acc = StatsAccumulator.create(shapes, ...)``; ``state = acc.init()``;
-``state = acc.update(state, acts, grads_y, grads_w)`` per batch (pure, traceable: the
+``state = acc.update(state, acts, grads_y, grads_w, grads_w_sq)`` per batch (pure, traceable: the
 routes jit it together with their forward/backward pass); ``stats = acc.finalize(state,
 weights, num_samples=N, ...)`` once. The factors are sums (``A = sum_n a_n a_n^T``, no
-``1/N``), ``grad_mean = (1/N) sum_n dL_n/dW``.
+``1/N``), ``grad_mean = (1/N) sum_n dL_n/dW``, ``grad_sq_mean = (1/N) sum_n (dL_n/dW)^2``.
 
 Factors of one dimension (e.g. the input factors of every q/k/v/gate/up projection) are
 stacked and updated by one batched call, so an update is one XLA program per batch shape
@@ -75,7 +77,9 @@ class LayerStats:
     in a weights-only ``Stats`` (methods ``magnitude`` / ``random``);
     grad_mean: ``Gbar [out, in]`` float32; weight: the model's ``W [out, in]`` (a reference,
     not a copy); A_dense / G_dense: exact dense ``[in, in]`` / ``[out, out]`` factors when
-    requested (``keep_dense=True`` or ``factor_kind="dense"``), for the ``kfac`` baseline.
+    requested (``keep_dense=True`` or ``factor_kind="dense"``), for the ``kfac`` baseline;
+    grad_sq_mean: ``(1/N) sum_n (dL_n/dW)^2 [out, in]`` float32 (the diagonal empirical
+    Fisher) when calibrated with ``per_sample=True``, else ``None``.
     """
 
     name: str
@@ -86,6 +90,7 @@ class LayerStats:
     num_samples: int = 0
     A_dense: jax.Array | None = None
     G_dense: jax.Array | None = None
+    grad_sq_mean: jax.Array | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -221,7 +226,7 @@ class StatsAccumulator:
     per dimension; factor: ``"mean"`` | ``"tokens"``; factor_kind: the kind returned;
     accumulate_kind: the kind updated batch by batch (``"dense"`` for per-token HODLR
     factors accumulated exactly); num_partition: the HODLR levels asked for; keep_dense:
-    also accumulate exact dense factors.
+    also accumulate exact dense factors; per_sample: also accumulate ``sum_n (dL_n/dW)^2``.
     """
 
     shapes: tuple
@@ -231,11 +236,12 @@ class StatsAccumulator:
     accumulate_kind: str
     num_partition: int
     keep_dense: bool
+    per_sample: bool = False
 
     @classmethod
     def create(cls, shapes: Mapping[str, tuple], *, num_partition: int = 8,
                factor: str = "mean", factor_kind: str = "hodlr", keep_dense: bool = False,
-               token_update: str = "auto") -> "StatsAccumulator":
+               token_update: str = "auto", per_sample: bool = False) -> "StatsAccumulator":
         """The plan for layers ``shapes = {layer: (out, in)}`` (arguments as
         :func:`sylva_jax.capture.preprocess`); ``ValueError`` for an unknown choice."""
         check_choice("factor", factor, FACTORS)
@@ -245,7 +251,8 @@ class StatsAccumulator:
         return cls(shapes=tuple(shapes.items()), groups=groups, factor=factor,
                    factor_kind=factor_kind,
                    accumulate_kind=_accumulation_kind(groups, factor, factor_kind, token_update),
-                   num_partition=int(num_partition), keep_dense=bool(keep_dense))
+                   num_partition=int(num_partition), keep_dense=bool(keep_dense),
+                   per_sample=bool(per_sample))
 
     @property
     def partitions(self) -> dict[int, int]:
@@ -254,18 +261,24 @@ class StatsAccumulator:
 
     def init(self) -> dict:
         """Empty state: stacked factors per dimension group, optional dense factors, weight
-        gradient sums and finiteness flags per layer."""
+        gradient sums (and squared per-sample gradient sums) and finiteness flags per layer."""
         return {
             "factors": [_stacked_init(g, self.accumulate_kind) for g in self.groups],
             "dense": [jnp.zeros((len(g.slots), g.dim, g.dim), jnp.float32) for g in self.groups]
             if self.keep_dense else None,
             "grad_sum": {n: jnp.zeros(shape, jnp.float32) for n, shape in self.shapes},
+            "grad_sq_sum": {n: jnp.zeros(shape, jnp.float32) for n, shape in self.shapes}
+            if self.per_sample else None,
             "finite": {n: jnp.ones((), bool) for n, _ in self.shapes},
         }
 
-    def update(self, state: dict, acts, grads_y, grads_w) -> dict:
+    def update(self, state: dict, acts, grads_y, grads_w, grads_w_sq=None) -> dict:
         """``state`` plus one batch's statistics (module docstring for the shapes): one
-        factor update per dimension group, the gradient sums, and the finiteness flags."""
+        factor update per dimension group, the gradient sums, and the finiteness flags.
+        ``grads_w_sq`` is required exactly when the plan has ``per_sample=True``."""
+        if self.per_sample != (grads_w_sq is not None):
+            raise ValueError("grads_w_sq (sum_n (dL_n/dW)^2) must be given exactly when the "
+                             "accumulator was created with per_sample=True")
         vecs = {"A": acts, "G": grads_y}
         new_f, new_d = [], []
         for k, g in enumerate(self.groups):
@@ -278,8 +291,12 @@ class StatsAccumulator:
         finite = {n: state["finite"][n] & _all_finite(acts[n], grads_y[n], grads_w[n])
                   for n in grads_w}
         grad_sum = {n: state["grad_sum"][n] + grads_w[n] for n in grads_w}
+        sq_sum = None
+        if self.per_sample:
+            finite = {n: f & jnp.all(jnp.isfinite(grads_w_sq[n])) for n, f in finite.items()}
+            sq_sum = {n: state["grad_sq_sum"][n] + grads_w_sq[n] for n in grads_w}
         return {"factors": new_f, "dense": new_d if self.keep_dense else None,
-                "grad_sum": grad_sum, "finite": finite}
+                "grad_sum": grad_sum, "grad_sq_sum": sq_sum, "finite": finite}
 
     def finalize(self, state: dict, weights: Mapping[str, jax.Array], *, num_samples: int,
                  requested: int | None = None, scope=None, damping: float = 1e-6,
@@ -322,7 +339,7 @@ class StatsAccumulator:
 
     def _layers(self, state: dict, weights, num_samples: int) -> dict[str, LayerStats]:
         """One :class:`LayerStats` per layer: its factor slots unstacked, dense factors when
-        kept, ``grad_mean = grad_sum / N``."""
+        kept, ``grad_mean = grad_sum / N`` (and ``grad_sq_mean = grad_sq_sum / N``)."""
         factors = self._finish_factors(state)
         layers = {n: LayerStats(name=n, weight=weights[n], num_samples=num_samples)
                   for n, _ in self.shapes}
@@ -337,6 +354,8 @@ class StatsAccumulator:
         inv_n = 1.0 / num_samples
         for n, s in layers.items():
             s.grad_mean = state["grad_sum"][n] * inv_n
+            if self.per_sample:
+                s.grad_sq_mean = state["grad_sq_sum"][n] * inv_n
         return layers
 
 

@@ -443,6 +443,13 @@ def test_capture_plain_bf16_transposed_weights_equal_hand_taps():
     assert stats["w1"].shape == (32, 16)
 
 
+def test_capture_per_sample_is_refused_with_the_alternative():
+    with pytest.raises(ValueError, match=r"per_sample=True .* not supported by anymodel\.capture; "
+                                         r"use capture\.preprocess"):
+        anymodel.capture(plain_loss, plain_params(), plain_batches(), scope=["w1"],
+                         per_sample=True)
+
+
 def test_capture_tokens_factor_and_select_blocks(linen_lm):
     """factor="tokens" sums per-token outer products over real tokens; the Stats feed
     importance.select_blocks unchanged."""

@@ -151,6 +151,39 @@ def test_statistics_match_dense_reference(model, hodlr_stats, ref):
         assert s.weight is flat[n]
 
 
+def _vmap_grad_sq(model, batches):
+    """``sum_n (dL_n/dW)^2`` from ``jax.vmap(jax.grad)`` of each padded sample's own mean
+    token loss (a batch of one with its attention mask): independent of the probes."""
+    graphdef, params = llama.split(model)
+
+    def loss(p, ids, am, labels):
+        logits = llama.apply(graphdef, p, ids[None], am[None])
+        return lm_loss(logits, labels[None], reduction="token_mean")
+
+    per = jax.jit(jax.vmap(jax.grad(loss), in_axes=(None, 0, 0, 0)))
+    total = {n: 0.0 for n in LAYERS}
+    for b in batches:
+        flat = tree_lib.flatten(per(params, b["input_ids"], b["attention_mask"], b["labels"]))
+        for n in LAYERS:
+            total[n] = total[n] + np.sum(np.asarray(flat[n], np.float64) ** 2, axis=0)
+    return total
+
+
+def test_per_sample_squared_gradients_match_vmap_grad(model, batches, hodlr_stats):
+    st = capture.preprocess(model, batches, scope="model.layers", num_samples=8,
+                            num_partition=1, keep_dense=True, per_sample=True)
+    ref = _vmap_grad_sq(model, batches)
+    for n in LAYERS:
+        assert_close(st[n].grad_sq_mean * 8, ref[n])
+        # the other statistics are those of the default pass
+        assert_close(st[n].grad_mean, hodlr_stats[n].grad_mean)
+        assert_close(st[n].A_dense, hodlr_stats[n].A_dense)
+        assert_close(st[n].G_dense, hodlr_stats[n].G_dense)
+        assert hodlr_stats[n].grad_sq_mean is None
+        # the mean of squares exceeds the square of the mean (per-sample variance > 0)
+        assert np.all(np.asarray(st[n].grad_sq_mean) >= np.asarray(st[n].grad_mean) ** 2 - 1e-9)
+
+
 def test_tokens_factor_is_the_sum_of_per_token_outer_products(model, batches, ref):
     stats = capture.preprocess(model, batches, scope="model.layers", num_samples=8,
                                factor="tokens", factor_kind="dense")

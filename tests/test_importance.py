@@ -31,6 +31,7 @@ def make_stats(shapes, *, seed=0, n=48, kind="hodlr", plant=None, keep_dense=Tru
         g = rng.normal(size=(n, o))
         gbar = 0.1 * rng.normal(size=(o, i))
         w = 0.1 * rng.normal(size=(o, i))
+        noise = 0.01 * rng.random(size=(o, i))  # per-sample variance of the gradient
         if plant and name in plant:
             r, c = plant[name]
             rows, cols = slice(r * BS, (r + 1) * BS), slice(c * BS, (c + 1) * BS)
@@ -41,6 +42,7 @@ def make_stats(shapes, *, seed=0, n=48, kind="hodlr", plant=None, keep_dense=Tru
         layers[name] = capture.LayerStats(
             name=name, weight=jnp.asarray(w, jnp.float32), A=_factor(a, kind), G=_factor(g, kind),
             grad_mean=jnp.asarray(gbar, jnp.float32), num_samples=n,
+            grad_sq_mean=jnp.asarray(gbar ** 2 + noise, jnp.float32),
             A_dense=jnp.asarray(a.T @ a, jnp.float32) if keep_dense else None,
             G_dense=jnp.asarray(g.T @ g, jnp.float32) if keep_dense else None)
     return capture.Stats(layers=layers, num_samples=n, damping=damping)
@@ -146,8 +148,10 @@ def test_baseline_scores(stats):
     s = stats[n]
     g, w = np.asarray(s.grad_mean, np.float64), np.asarray(s.weight, np.float64)
     tile = lambda x: x.reshape(2, BS, 3, BS).sum(axis=(1, 3))  # noqa: E731
-    np.testing.assert_allclose(importance.tile_scores(stats, block_size=BS, method="fisher")[n],
+    np.testing.assert_allclose(importance.tile_scores(stats, block_size=BS, method="grad_sq")[n],
                                tile(g ** 2), rtol=1e-5)
+    np.testing.assert_allclose(importance.tile_scores(stats, block_size=BS, method="fisher")[n],
+                               tile(np.asarray(s.grad_sq_mean, np.float64)), rtol=1e-6)
     np.testing.assert_allclose(importance.tile_scores(stats, block_size=BS, method="grad")[n],
                                tile(np.abs(g)), rtol=1e-5)
     np.testing.assert_allclose(importance.tile_scores(stats, block_size=BS, method="magnitude")[n],
@@ -188,6 +192,10 @@ def test_compute_masks_end_to_end():
     # kfac (float64 NumPy on the same dense statistics) agrees with sylva on dense factors
     mk, _ = importance.compute_masks(model, batches, method="kfac", **kw)
     assert all(np.array_equal(mk[n], md[n]) for n in mk)
+    # fisher turns per-sample gradients on; a global budget keeps the same total
+    mf, rep = importance.compute_masks(model, batches, method="fisher", allocation="global", **kw)
+    assert rep["kept_tiles"] == 48 and sum(rep["kept"].values()) == 48
+    assert rep["kept"] == {n: int(m.sum()) for n, m in mf.items()} and min(rep["kept"].values()) >= 1
     # methods without statistics run no calibration pass
     mm, rep = importance.compute_masks(model, None, scope="mlp", sparsity=0.5, block_size=BS,
                                        method="magnitude")

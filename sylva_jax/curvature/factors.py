@@ -26,7 +26,7 @@ from sylva_jax.curvature.hodlr import HodlrFactor
 __all__ = [
     "KINDS", "HodlrFactor", "DenseFactor", "DiagonalFactor", "Factor", "init", "update",
     "update_block", "matmat", "to_dense", "from_dense", "inv_diag", "solve", "diag", "nbytes",
-    "max_num_partition",
+    "max_num_partition", "leaf_inv_diag", "published_matmat",
 ]
 
 KINDS = ("hodlr", "dense", "diagonal")
@@ -195,4 +195,30 @@ def solve(h: Factor, x, damping=1e-6, relative: bool = False) -> jax.Array:
     lam = _damping(h, damping, relative)
     xp, vec = as_cols(h, x, "x")
     y = impl.solve(h, xp, lam)
+    return y[:, 0] if vec else y
+
+
+def _check_hodlr(h, what: str) -> None:
+    if not isinstance(h, HodlrFactor):
+        raise ValueError(f"{what} is defined on HODLR factors only, got a "
+                         f"{type(h).__name__}; calibrate with factor_kind='hodlr'.")
+
+
+@partial(jax.jit, static_argnames=("relative",))
+def leaf_inv_diag(h: HodlrFactor, damping=1e-6, relative: bool = False) -> jax.Array:
+    """``diag((leaves + lam I)^-1)``, ``[dim]``: the damped leaf blocks inverted alone, the
+    off-diagonal tiles ignored (the authors' inverse diagonal in effect; ``docs/algorithm.md``
+    §3). Same damping as :func:`inv_diag`; HODLR factors only."""
+    _check_hodlr(h, "leaf_inv_diag")
+    return hodlr.leaf_inv_diag(h, _damping(h, damping, relative))
+
+
+@jax.jit
+def published_matmat(h: HodlrFactor, x) -> jax.Array:
+    """The authors' product ``F x`` (``docs/algorithm.md`` §2): tile slices read with stride
+    ``h`` instead of ``2h`` and the upper tile not transposed. ``x [dim]`` or ``[dim, k]``;
+    HODLR factors only. Not a product with ``F``: a fidelity arm."""
+    _check_hodlr(h, "published_matmat")
+    xp, vec = as_cols(h, x, "x")
+    y = hodlr.published_matmat(h, xp)[: h.dim]
     return y[:, 0] if vec else y

@@ -673,3 +673,40 @@ def inv_diag(h: HodlrFactor, lam) -> jax.Array:
 def solve(h: HodlrFactor, x: jax.Array, lam) -> jax.Array:
     """``(F + lam I)^-1 x`` for ``x [padded_dim, k]``, stripped to ``[dim, k]``."""
     return _apply_inverse(h, _hodlr_inverse(h, lam), x)[: h.dim]
+
+
+# --------------------------------------------------------------------------- published numerics
+#
+# The authors' release computes Sylva's score with different numerics (docs/algorithm.md §2,
+# §3, §4 ``sylva_published``); these reproduce them on this factor for a fidelity arm.
+
+
+def leaf_inv_diag(h: HodlrFactor, lam) -> jax.Array:
+    """``diag(blockdiag(leaves + lam I)^-1)``: the inverse diagonal of the damped dense
+    leaves alone, every off-diagonal tile ignored (what the authors' release computes in
+    effect). Padded diagonal entries get ``1`` as in :func:`inv_diag`."""
+    nb, leaf, dd = 1 << h.num_partition, h.leaf_size, h.padded_dim
+    shift = jnp.where(jnp.arange(dd) < h.dim, lam, jnp.ones((), h.dtype)).reshape(nb, leaf)
+    damped = h.leaves + shift[:, :, None] * jnp.eye(leaf, dtype=h.dtype)
+    return jnp.diagonal(_spd_inverse(damped), axis1=1, axis2=2).reshape(-1)[: h.dim]
+
+
+def published_matmat(h: HodlrFactor, x: jax.Array) -> jax.Array:
+    """The authors' product for ``x [D, k]`` (padded): leaves as in :func:`matmat`; at level
+    ``k`` (``h_k = D / 2^(k+1)``) node ``j`` reads its column slice ``[h_k j, h_k j + h_k)``
+    and row slice ``[h_k (j + 1), h_k (j + 2))`` (stride ``h_k``, not ``2 h_k``) and applies
+    ``s u v^T`` in both directions: ``y[rows] += s u (v^T x[cols])`` and
+    ``y[cols] += s u (v^T x[rows])`` (the upper tile is not transposed). Equals
+    :func:`matmat` for no node: node 0 differs by the missing transpose."""
+    y = _leaf_apply(h, h.leaves, x)
+    dd, kk = h.padded_dim, x.shape[1]
+    for level in range(h.num_partition):
+        t, hk = 1 << level, dd >> (level + 1)
+        su = h.s[level][:, None] * h.u[level]                        # [t, h]
+        xc = x[: t * hk].reshape(t, hk, kk)
+        xr = x[hk: hk + t * hk].reshape(t, hk, kk)
+        lower = su[:, :, None] * jnp.einsum("jh,jhk->jk", h.v[level], xc, precision=HI)[:, None]
+        upper = su[:, :, None] * jnp.einsum("jh,jhk->jk", h.v[level], xr, precision=HI)[:, None]
+        y = y.at[hk: hk + t * hk].add(lower.reshape(-1, kk))
+        y = y.at[: t * hk].add(upper.reshape(-1, kk))
+    return y
