@@ -267,6 +267,33 @@ def test_mask_method_choices_are_the_scorers_of_importance():
     assert tuple(action.choices) == tuple(METHODS)
 
 
+def test_method_choices_are_the_registered_methods():
+    from sylva_jax import methods
+    from sylva_jax.experiment_config import build_parser
+    from sylva_jax.interop.merged import MERGES
+
+    (action,) = [a for a in build_parser()._actions if a.dest == "method"]
+    assert set(action.choices) == set(MERGES)
+    assert all(callable(getattr(methods, m)) for m in action.choices)
+
+
+def test_help_imports_no_jax():
+    """``--help`` (and building the parser) stays fast: neither jax nor the stages load."""
+    script = os.path.join(REPO_ROOT, "experiments", "oasst_mmlu.py")
+    code = ("import runpy, sys\n"
+            f"sys.argv = [{script!r}, '--help']\n"
+            "try:\n"
+            f"    runpy.run_path({script!r}, run_name='__main__')\n"
+            "except SystemExit as e:\n"
+            "    assert e.code == 0, e.code\n"
+            "heavy = sorted(m for m in ('jax', 'flax', 'numpy', 'sylva_jax.experiment_run') if m in sys.modules)\n"
+            "print('HEAVY', heavy)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       env=dict(os.environ, PYTHONPATH=REPO_ROOT), timeout=60)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "--mask_method" in r.stdout and "HEAVY []" in r.stdout, r.stdout[-500:]
+
+
 def test_presets_are_replaces_of_the_base_and_flags_override_one_field():
     import dataclasses
 
