@@ -22,16 +22,14 @@ ALPACA = os.path.join(SHARED_DATA, "instruct", "alpaca_en_demo.json")
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory):
     """A 2-layer random LLaMA (hidden 64) with SmolLM2's tokenizer, in HF format."""
-    from sylva_jax.models.llama import LlamaConfig, init_model
-    from sylva_jax.models.loading import gguf_tokenizer, open_gguf, save_pretrained, smollm2_gguf_path
+    from tiny import tiny_llama_dir
+
+    from sylva_jax.models.loading import gguf_tokenizer, open_gguf, smollm2_gguf_path
 
     tok = gguf_tokenizer(open_gguf(smollm2_gguf_path()))
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                      tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    path = tmp_path_factory.mktemp("tiny_llama")
-    save_pretrained(init_model(cfg, seed=0), path, tokenizer=tok)
-    return str(path)
+    return tiny_llama_dir(tmp_path_factory.mktemp("tiny_llama"), tokenizer=tok, vocab_size=len(tok),
+                          max_position_embeddings=2048, tie_word_embeddings=True,
+                          bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
 
 
 def _tiny_args(model_dir, out, *extra):
