@@ -15,14 +15,14 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+import numpy as np
+
 __all__ = ["atomic_open", "atomic_dir", "write_json", "write_text", "json_default"]
 
 
 def json_default(o: Any) -> Any:
     """``json.dump``'s ``default``: NumPy integers, floats and arrays as numbers and lists,
     anything else as its ``str``."""
-    import numpy as np
-
     if isinstance(o, np.integer):
         return int(o)
     if isinstance(o, np.floating):

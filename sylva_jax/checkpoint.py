@@ -34,9 +34,11 @@ from typing import Any, Callable, Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
+from safetensors.numpy import load_file, save_file
 
 from sylva_jax import atomic
 from sylva_jax import tree as tree_lib
+from sylva_jax.adapter import Adapter
 from sylva_jax.inputs import reading
 
 __all__ = [
@@ -60,7 +62,7 @@ _META = "adapter.json"
 # full training state
 # ---------------------------------------------------------------------------------------
 def _ocp():
-    import orbax.checkpoint as ocp
+    import orbax.checkpoint as ocp  # lazy: orbax is heavy and only full-state checkpoints need it
 
     return ocp
 
@@ -365,8 +367,6 @@ def save_adapter(path: str | os.PathLike, adapter, params: Any, *,
     is written beside the target and renamed into place (an existing one is replaced only
     once the new one is complete). Returns ``path``.
     """
-    from safetensors.numpy import save_file
-
     path = Path(path)
     tiles = adapter.tiles(params)
     arrays: dict[str, np.ndarray] = {}
@@ -404,10 +404,6 @@ def load_adapter(path: str | os.PathLike, params: Any, *, check_base: bool = Tru
     base model the adapter was trained from (fingerprint mismatch; ``check_base=False``
     skips the check) or has other shapes.
     """
-    from safetensors.numpy import load_file
-
-    from sylva_jax.adapter import Adapter
-
     path = Path(path)
     if not (path / _META).is_file() or not (path / _TILES).is_file():
         raise FileNotFoundError(f"{path} is not an adapter directory (needs {_META} and {_TILES}; "

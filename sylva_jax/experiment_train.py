@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
+from tqdm.auto import tqdm
 
 from sylva_jax import run_dir as rd
 from sylva_jax import sharding
@@ -266,8 +267,6 @@ class _Progress:
     """The tqdm bar, or (no terminal) plain log lines with an ETA from training time only."""
 
     def __init__(self, total: int, step: int):
-        from tqdm.auto import tqdm
-
         self.total, self.first = total, step
         self.bar = tqdm(total=total, initial=step, desc="train", dynamic_ncols=True, disable=None,
                         file=sys.stdout)

@@ -26,6 +26,7 @@ from flax import struct
 
 from sylva_jax import tree as tree_lib
 from sylva_jax.ops import dense_linear
+from sylva_jax.scope import match_scope
 
 __all__ = ["LoraParams", "lora_paths", "init_lora", "lora_linear_fn", "merge_lora", "num_lora_params",
            "rank_for_budget", "dropout_keep_mask"]
@@ -57,8 +58,6 @@ def lora_paths(params: Any, scope) -> list[str]:
     (``embed_tokens``) are never adapted: they are not linear layers. Raises ``ValueError``
     if nothing matches (a typo in the scope would otherwise train nothing silently).
     """
-    from sylva_jax.capture import match_scope
-
     names = [path for path, leaf in tree_lib.flatten(params).items()
              if path.endswith(".weight") and getattr(leaf, "ndim", 0) == 2 and "embed_tokens" not in path]
     return match_scope(scope, names)

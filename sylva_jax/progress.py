@@ -15,6 +15,8 @@ import sys
 import time
 from typing import Any, Callable, Iterable, Iterator, TextIO, TypeVar
 
+from tqdm.auto import tqdm
+
 __all__ = ["Progress", "track"]
 
 T = TypeVar("T")
@@ -66,8 +68,6 @@ class Progress:
             bar = bool(isatty and isatty())
         self._bar = None
         if self.enabled and bar:
-            from tqdm.auto import tqdm
-
             self._bar = tqdm(total=self.total, desc=desc, unit=unit, file=self._file, dynamic_ncols=True,
                              delay=self.delay_s)
 

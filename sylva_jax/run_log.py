@@ -72,7 +72,7 @@ class MetricWindow:
 def plot_curves(path: Path, metrics: list[dict], evals: list[dict], title: str) -> None:
     """Training loss (left axis) and MMLU (right axis) against the optimizer step, as PNG."""
     try:
-        import matplotlib
+        import matplotlib  # lazy: optional and slow to import, only the plot needs it
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt

@@ -46,9 +46,12 @@ from typing import Any, Callable, Iterable, Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from sylva_jax import capture
 from sylva_jax import tree as tree_lib
+from sylva_jax.models import llama
 
 __all__ = [
     "DATA", "FSDP", "BATCH_AXES",
@@ -214,8 +217,6 @@ def to_host(tree: Any) -> Any:
             return np.asarray(x)
         if x.sharding.is_fully_replicated:
             return np.asarray(x.addressable_data(0))
-        from jax.experimental import multihost_utils
-
         return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
     return jax.tree.map(one, tree)
@@ -337,8 +338,6 @@ def _sharded_apply(graphdef, mesh: Mesh) -> Callable:
     on its own data shard (per-sample statistics stay on that shard) and inserts the
     reductions (gradient sums, dense/diagonal factor sums; the gathered ``[B, dim]``
     vectors for the sequential HODLR update)."""
-    from sylva_jax.models import llama
-
     ways = _batch_ways(mesh)
     sh = NamedSharding(mesh, P(BATCH_AXES))
 
@@ -381,8 +380,6 @@ def preprocess(model, batches: Iterable[Mapping[str, Any]], mesh: Mesh, *, scope
     order as on one device), so the result equals the single-device one up to float32
     summation order. Returns ``capture.Stats``.
     """
-    from sylva_jax import capture
-
     if not (isinstance(model, tuple) and len(model) == 2):
         raise TypeError("sharding.preprocess takes (graphdef, params) from "
                         "sylva_jax.models.llama.split")

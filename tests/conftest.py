@@ -39,3 +39,11 @@ def smollm2():
 def shared_data_dir():
     """Path of the shared offline data (``../shared/data`` from the repository root)."""
     return SHARED_DATA
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_model():
+    """A random tiny LLaMA (``tests/tiny.py``: 2 layers, hidden 64, vocabulary 256), seed 0."""
+    from tiny import tiny_llama
+
+    return tiny_llama(seed=0)

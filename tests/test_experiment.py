@@ -22,16 +22,14 @@ ALPACA = os.path.join(SHARED_DATA, "instruct", "alpaca_en_demo.json")
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory):
     """A 2-layer random LLaMA (hidden 64) with SmolLM2's tokenizer, in HF format."""
-    from sylva_jax.models.llama import LlamaConfig, init_model
-    from sylva_jax.models.loading import gguf_tokenizer, open_gguf, save_pretrained, smollm2_gguf_path
+    from tiny import tiny_llama_dir
+
+    from sylva_jax.models.loading import gguf_tokenizer, open_gguf, smollm2_gguf_path
 
     tok = gguf_tokenizer(open_gguf(smollm2_gguf_path()))
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                      tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    path = tmp_path_factory.mktemp("tiny_llama")
-    save_pretrained(init_model(cfg, seed=0), path, tokenizer=tok)
-    return str(path)
+    return tiny_llama_dir(tmp_path_factory.mktemp("tiny_llama"), tokenizer=tok, vocab_size=len(tok),
+                          max_position_embeddings=2048, tie_word_embeddings=True,
+                          bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
 
 
 def _tiny_args(model_dir, out, *extra):
@@ -265,6 +263,33 @@ def test_mask_method_choices_are_the_scorers_of_importance():
 
     (action,) = [a for a in build_parser()._actions if a.dest == "mask_method"]
     assert tuple(action.choices) == tuple(METHODS)
+
+
+def test_method_choices_are_the_registered_methods():
+    from sylva_jax import methods
+    from sylva_jax.experiment_config import build_parser
+    from sylva_jax.interop.merged import MERGES
+
+    (action,) = [a for a in build_parser()._actions if a.dest == "method"]
+    assert set(action.choices) == set(MERGES)
+    assert all(callable(getattr(methods, m)) for m in action.choices)
+
+
+def test_help_imports_no_jax():
+    """``--help`` (and building the parser) stays fast: neither jax nor the stages load."""
+    script = os.path.join(REPO_ROOT, "experiments", "oasst_mmlu.py")
+    code = ("import runpy, sys\n"
+            f"sys.argv = [{script!r}, '--help']\n"
+            "try:\n"
+            f"    runpy.run_path({script!r}, run_name='__main__')\n"
+            "except SystemExit as e:\n"
+            "    assert e.code == 0, e.code\n"
+            "heavy = sorted(m for m in ('jax', 'flax', 'numpy', 'sylva_jax.experiment_run') if m in sys.modules)\n"
+            "print('HEAVY', heavy)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       env=dict(os.environ, PYTHONPATH=REPO_ROOT), timeout=60)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "--mask_method" in r.stdout and "HEAVY []" in r.stdout, r.stdout[-500:]
 
 
 def test_presets_are_replaces_of_the_base_and_flags_override_one_field():

@@ -16,6 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tiny import tiny_config
+
 from sylva_jax import tree
 from sylva_jax.adapter import make_adapter
 from sylva_jax.export import (ShiraBudgetError, export_merged, export_peft, export_run, load_peft_lora,
@@ -35,9 +37,7 @@ IDS = np.array([[1, 17, 42, 99, 5, 230, 7, 64, 128, 3, 11, 200],
 
 
 def _config(dtype: str) -> LlamaConfig:
-    return LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=64,
-                       dtype=dtype, param_dtype=dtype)
+    return tiny_config(head_dim=16, dtype=dtype, param_dtype=dtype)
 
 
 @pytest.fixture(scope="module", params=["float32", "bfloat16"])

@@ -5,9 +5,10 @@ import json
 
 import pytest
 
+from tiny import tiny_llama_dir
+
 from sylva_jax.inputs import InputFileError, reading
-from sylva_jax.models.llama import LlamaConfig, init_model
-from sylva_jax.models.loading import load_pretrained, save_pretrained
+from sylva_jax.models.loading import load_pretrained
 
 
 def test_reading_wraps_parse_errors_and_passes_missing_files(tmp_path):
@@ -24,10 +25,9 @@ def test_reading_wraps_parse_errors_and_passes_missing_files(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    cfg = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32)
     out = tmp_path_factory.mktemp("tiny")
-    save_pretrained(init_model(cfg, seed=0), out)
+    tiny_llama_dir(out, vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32)
     return out
 
 

@@ -15,9 +15,11 @@ import pytest
 import torch
 import transformers
 
+from tiny import tiny_config
+
 from sylva_jax import tree
 from sylva_jax.models import loading
-from sylva_jax.models.llama import LlamaConfig, apply, generate, init_model, merge, split
+from sylva_jax.models.llama import apply, generate, init_model, merge, split
 from sylva_jax.models.loading import load_pretrained, permute_qk, save_pretrained, unpermute_qk
 
 torch.set_num_threads(1)
@@ -31,10 +33,7 @@ SENTENCES = [
 
 
 def _tiny_config(**kw):
-    base = dict(vocab_size=49152, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    base.update(kw)
-    return LlamaConfig(**base)
+    return tiny_config(**{"vocab_size": 49152, "hidden_size": 32, "intermediate_size": 48, **kw})
 
 
 @pytest.fixture(scope="module")

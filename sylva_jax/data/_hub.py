@@ -23,7 +23,7 @@ PROBE_TIMEOUT_S = 3.0
 
 def _endpoint() -> str:
     try:
-        from huggingface_hub import constants
+        from huggingface_hub import constants  # lazy: optional hub dependency, loaded only when the hub is used
 
         return constants.ENDPOINT
     except Exception:  # pragma: no cover - very old huggingface_hub
@@ -61,8 +61,8 @@ def hub_reachable(timeout: float = PROBE_TIMEOUT_S) -> bool:
 @contextlib.contextmanager
 def _offline_mode():
     """Temporarily put ``datasets`` and ``huggingface_hub`` in offline (cache-only) mode."""
-    import datasets
-    from huggingface_hub import constants
+    import datasets  # lazy: datasets is heavy and only hub loading needs it
+    from huggingface_hub import constants  # lazy: optional hub dependency, loaded only when the hub is used
 
     saved = []
     for mod, attr in ((datasets.config, "HF_HUB_OFFLINE"), (datasets.config, "HF_DATASETS_OFFLINE"),
@@ -83,7 +83,7 @@ def load_hub_rows(name: str, config: str | None = None, *, split: str) -> list[d
     Raises ``ConnectionError`` (or ``FileNotFoundError``/``ValueError`` from ``datasets``) when
     the dataset can be neither downloaded nor found in the local cache.
     """
-    import datasets
+    import datasets  # lazy: datasets is heavy and only hub loading needs it
 
     args = (name,) if config is None else (name, config)
     if hub_reachable():

@@ -399,6 +399,96 @@ def encode_mmlu(tok, questions: Sequence[dict], *, max_len: int, add_bos: bool |
     return MMLUEncoded(qs, encoded, int(max_len), choice_token_ids(tok), n_cut, n_dropped)
 
 
+def _resolve_encoding(tok, questions, max_len: int | None, add_bos: bool | None) -> MMLUEncoded:
+    """``questions`` as an :class:`MMLUEncoded`: tokenized here (``max_len`` required) or
+    checked against the ``max_len`` it was encoded for."""
+    if isinstance(questions, MMLUEncoded):
+        if max_len is not None and max_len != questions.max_len:
+            raise ValueError(f"max_len={max_len} differs from the encoding's {questions.max_len}; "
+                             "re-run encode_mmlu")
+        return questions
+    if max_len is None:
+        raise ValueError("max_len is required when questions are not pre-encoded (encode_mmlu)")
+    return encode_mmlu(tok, questions, max_len=max_len, add_bos=add_bos)
+
+
+def _pad_id(tok) -> int:
+    """Padding id: the tokenizer's pad, else its eos, else 0 (padding is masked out)."""
+    pad = getattr(tok, "pad_token_id", None)
+    pad = getattr(tok, "eos_token_id", None) if pad is None else pad
+    return 0 if pad is None else int(pad)
+
+
+def _pad_batch(encoded: list[list[int]], rows: np.ndarray, T: int, pad: int) -> tuple[np.ndarray, np.ndarray]:
+    """Right-padded ``(input_ids, attention_mask)``, both ``[len(rows), T]`` int32, for the
+    prompts ``encoded[r]`` of ``rows`` (each at most ``T`` long)."""
+    ids = np.full((len(rows), T), pad, dtype=np.int32)
+    mask = np.zeros((len(rows), T), dtype=np.int32)
+    for r, qi in enumerate(rows):
+        ids[r, : len(encoded[qi])] = encoded[qi]
+        mask[r, : len(encoded[qi])] = 1
+    return ids, mask
+
+
+def _answer_logits(logits, lengths: np.ndarray, batch_size: int, T: int):
+    """Logits at each row's answer position ``lengths[b] - 1``: ``[B, V]`` from a
+    ``logits_fn`` result of shape ``[B, T, V]`` (indexed, not copied whole) or ``[B, V]``
+    (already taken there)."""
+    if logits.ndim == 2 and logits.shape[0] == batch_size:
+        return logits
+    if logits.ndim == 3 and tuple(logits.shape[:2]) == (batch_size, T):
+        return logits[np.arange(batch_size), lengths - 1]
+    raise ValueError(f"logits_fn returned shape {tuple(logits.shape)}, expected "
+                     f"({batch_size}, {T}, V) or ({batch_size}, V)")
+
+
+def _predict(logits_fn: Callable, enc: MMLUEncoded, *, batch_size: int, bucket_list: list[int], pad: int,
+             progress: Callable[[int, int], None] | None) -> np.ndarray:
+    """Predicted choice index per question (input order), ``[n]`` int64: questions sorted by
+    length (longest first), batched ``[batch_size, bucket]`` with the smallest bucket that
+    fits, the last batch filled with copies of its first row (ignored); the prediction is the
+    argmax over ``logits[answer position, choice_ids]``."""
+    choice_ids = np.asarray(enc.choice_ids, dtype=np.int32)
+    lengths = np.array([len(e) for e in enc.ids])
+    order = np.argsort(-lengths, kind="stable")
+    preds = np.zeros(len(enc.ids), dtype=np.int64)
+    n_batches = -(-len(enc.ids) // batch_size)
+    for j in range(n_batches):
+        idx = order[j * batch_size:(j + 1) * batch_size]
+        T = next(b for b in bucket_list if b >= lengths[idx].max())
+        rows = np.concatenate([idx, np.repeat(idx[:1], batch_size - len(idx))])
+        ids, mask = _pad_batch(enc.ids, rows, T, pad)
+        last = _answer_logits(logits_fn(ids, mask), lengths[rows], batch_size, T)   # [B, V]
+        scores = np.asarray(last[:, choice_ids], dtype=np.float32)                  # [B, 4]
+        preds[idx] = scores[: len(idx)].argmax(-1)
+        if progress is not None:
+            progress(j + 1, n_batches)
+    return preds
+
+
+def _score(enc: MMLUEncoded, preds: np.ndarray) -> dict:
+    """The result dict of :func:`evaluate_mmlu` from predicted choice indices."""
+    qs = enc.questions
+    letters = [LETTERS[p] for p in preds]
+    correct = defaultdict(int)
+    count = defaultdict(int)
+    for q, p in zip(qs, letters):
+        count[q["subject"]] += 1
+        correct[q["subject"]] += int(p == q["answer"])
+    per_subject = {s: correct[s] / count[s] for s in sorted(count)}
+    return {
+        "accuracy_macro": float(np.mean(list(per_subject.values()))),
+        "accuracy_micro": sum(correct.values()) / len(qs),
+        "per_subject": per_subject,
+        "per_subject_n": {s: count[s] for s in sorted(count)},
+        "n": len(qs),
+        "predictions": letters,
+        "n_truncated": enc.n_truncated,
+        "n_exemplars_dropped": enc.n_exemplars_dropped,
+        "choice_token_ids": [int(i) for i in enc.choice_ids],
+    }
+
+
 def evaluate_mmlu(
     logits_fn: Callable,
     tok,
@@ -432,62 +522,7 @@ def evaluate_mmlu(
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
-    if isinstance(questions, MMLUEncoded):
-        enc = questions
-        if max_len is not None and max_len != enc.max_len:
-            raise ValueError(f"max_len={max_len} differs from the encoding's {enc.max_len}; re-run encode_mmlu")
-    else:
-        if max_len is None:
-            raise ValueError("max_len is required when questions are not pre-encoded (encode_mmlu)")
-        enc = encode_mmlu(tok, questions, max_len=max_len, add_bos=add_bos)
-    qs, encoded, max_len = enc.questions, enc.ids, enc.max_len
-    choice_ids = np.asarray(enc.choice_ids, dtype=np.int32)
-    pad = getattr(tok, "pad_token_id", None)
-    pad = getattr(tok, "eos_token_id", None) if pad is None else pad
-    pad = 0 if pad is None else int(pad)
-    bucket_list = _buckets(max_len, buckets)
-
-    lengths = np.array([len(e) for e in encoded])
-    order = np.argsort(-lengths, kind="stable")
-    preds = np.zeros(len(qs), dtype=np.int64)
-    n_batches = -(-len(qs) // batch_size)
-    for j in range(n_batches):
-        idx = order[j * batch_size:(j + 1) * batch_size]
-        T = next(b for b in bucket_list if b >= lengths[idx].max())
-        rows = np.concatenate([idx, np.repeat(idx[:1], batch_size - len(idx))])
-        ids = np.full((batch_size, T), pad, dtype=np.int32)
-        mask = np.zeros((batch_size, T), dtype=np.int32)
-        for r, qi in enumerate(rows):
-            ids[r, : lengths[qi]] = encoded[qi]
-            mask[r, : lengths[qi]] = 1
-        logits = logits_fn(ids, mask)
-        if logits.ndim == 2 and logits.shape[0] == batch_size:
-            last = logits                                                # [B, V] at the answer
-        elif logits.ndim == 3 and tuple(logits.shape[:2]) == (batch_size, T):
-            last = logits[np.arange(batch_size), lengths[rows] - 1]      # [B, V]
-        else:
-            raise ValueError(f"logits_fn returned shape {tuple(logits.shape)}, expected "
-                             f"({batch_size}, {T}, V) or ({batch_size}, V)")
-        scores = np.asarray(last[:, choice_ids], dtype=np.float32)       # [B, 4]
-        preds[idx] = scores[: len(idx)].argmax(-1)
-        if progress is not None:
-            progress(j + 1, n_batches)
-
-    letters = [LETTERS[p] for p in preds]
-    correct = defaultdict(int)
-    count = defaultdict(int)
-    for q, p in zip(qs, letters):
-        count[q["subject"]] += 1
-        correct[q["subject"]] += int(p == q["answer"])
-    per_subject = {s: correct[s] / count[s] for s in sorted(count)}
-    return {
-        "accuracy_macro": float(np.mean(list(per_subject.values()))),
-        "accuracy_micro": sum(correct.values()) / len(qs),
-        "per_subject": per_subject,
-        "per_subject_n": {s: count[s] for s in sorted(count)},
-        "n": len(qs),
-        "predictions": letters,
-        "n_truncated": enc.n_truncated,
-        "n_exemplars_dropped": enc.n_exemplars_dropped,
-        "choice_token_ids": choice_ids.tolist(),
-    }
+    enc = _resolve_encoding(tok, questions, max_len, add_bos)
+    preds = _predict(logits_fn, enc, batch_size=batch_size, bucket_list=_buckets(enc.max_len, buckets),
+                     pad=_pad_id(tok), progress=progress)
+    return _score(enc, preds)

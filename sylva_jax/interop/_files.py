@@ -14,9 +14,13 @@ import os
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
+import jax.numpy as jnp
 import numpy as np
+from safetensors import safe_open
+from safetensors.flax import save_file
 
 from sylva_jax import atomic
+from sylva_jax import checkpoint
 
 PEFT_PREFIX = "base_model.model."
 CONFIG_FILE = "adapter_config.json"
@@ -62,10 +66,6 @@ def write_adapter(directory: Path, config: Mapping[str, Any], tensors: Mapping[s
                   fingerprint: str | None) -> None:
     """Write PEFT's file pair into ``directory`` (already the temporary one of
     :func:`atomic_dir`). Tensors keep their dtype (bfloat16 stays BF16)."""
-    from safetensors.flax import save_file
-
-    import jax.numpy as jnp
-
     metadata = {"format": "pt"}
     if fingerprint:
         metadata[FINGERPRINT_KEY] = fingerprint
@@ -76,8 +76,6 @@ def write_adapter(directory: Path, config: Mapping[str, Any], tensors: Mapping[s
 def read_adapter(path: str | os.PathLike, peft_type: str) -> tuple[dict, dict[str, np.ndarray], str | None]:
     """``(config, {key: numpy array}, base fingerprint or None)`` of a PEFT adapter directory
     of ``peft_type`` (``"LORA"``, ``"SHIRA"``)."""
-    from safetensors import safe_open
-
     path = Path(path)
     if not (path / CONFIG_FILE).is_file() or not (path / WEIGHTS_FILE).is_file():
         bin_only = (path / "adapter_model.bin").is_file()
@@ -101,9 +99,7 @@ def check_fingerprint(path, saved: str | None, params: Any, *, check_base: bool)
     are checked (by the caller)."""
     if not check_base or saved is None:
         return
-    from sylva_jax.checkpoint import fingerprint
-
-    got = fingerprint(params)
+    got = checkpoint.fingerprint(params)
     if got != saved:
         raise ValueError(
             f"the adapter in {path} was exported from a different base model (base fingerprint "

@@ -15,7 +15,12 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
+from flax import nnx
+
 from sylva_jax.interop import _files
+from sylva_jax.lora import LoraParams, merge_lora
+from sylva_jax.models.llama import LlamaForCausalLM, merge, split
+from sylva_jax.models.loading import save_pretrained
 
 __all__ = ["merged_params", "save_merged", "MERGES"]
 
@@ -31,8 +36,6 @@ def _merge_full(params: Any, extras: Any) -> Any:
 
 
 def _merge_lora(params: Any, extras: Any) -> Any:
-    from sylva_jax.lora import LoraParams, merge_lora
-
     if not isinstance(extras, LoraParams):
         raise TypeError(f"merging a lora run needs its LoraParams (TrainState.extras); got {type(extras).__name__}")
     return merge_lora(params, extras)
@@ -56,11 +59,6 @@ def save_merged(out_dir: str | os.PathLike, model, params: Any | None = None, to
     graphdef (:func:`sylva_jax.models.llama.split`) when ``params`` is given; ``params``:
     the nested dict of arrays to write (default: the model's own). Weights keep their
     dtype."""
-    from flax import nnx
-
-    from sylva_jax.models.llama import LlamaForCausalLM, merge, split
-    from sylva_jax.models.loading import save_pretrained
-
     if params is not None:
         graphdef = model if isinstance(model, nnx.GraphDef) else split(model)[0]
         model = merge(graphdef, params)

@@ -23,6 +23,7 @@ from typing import Any
 import jax.numpy as jnp
 
 from sylva_jax import tree as tree_lib
+from sylva_jax.checkpoint import fingerprint
 from sylva_jax.interop import _files
 from sylva_jax.lora import LoraParams
 from sylva_jax.progress import track
@@ -63,8 +64,6 @@ def save_peft_lora(out_dir: str | os.PathLike, lora: LoraParams, base_params: An
       base_fingerprint: precomputed fingerprint of ``base_params`` (computed if ``None``).
     Returns the directory.
     """
-    from sylva_jax.checkpoint import fingerprint
-
     flat = tree_lib.flatten(base_params)
     tensors = {}
     for path in track(lora.factors, "LoRA factors", unit="weight", every_s=10, delay_s=2):

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sylva_jax import tree as tree_lib
+from sylva_jax.checkpoint import fingerprint
 from sylva_jax.interop import _files
 from sylva_jax.progress import track
 
@@ -125,8 +126,6 @@ def save_peft_shira(out_dir: str | os.PathLike, adapter, params: Any, base_param
       base_fingerprint: precomputed fingerprint of ``base_params``.
     Raises ``ValueError`` when the tiles do not fit SHiRA's one rank (:func:`shira_rank`).
     """
-    from sylva_jax.checkpoint import fingerprint
-
     if not adapter.coords:
         raise ValueError("the adapter has no tiles; nothing to export")
     if (base_params is None) == (base_tiles is None):

@@ -93,12 +93,12 @@ def triton_params(num_warps: int, num_stages: int):
     """Triton compiler parameters under their current name (``pallas.triton.CompilerParams``
     from jax 0.6 on, ``pallas.gpu.TritonCompilerParams`` before)."""
     try:
-        from jax.experimental.pallas import triton as pltriton
+        from jax.experimental.pallas import triton as pltriton  # lazy: GPU lowering only
 
         cls = getattr(pltriton, "CompilerParams", None) or getattr(
             pltriton, "TritonCompilerParams")
     except (ImportError, AttributeError):  # pragma: no cover - older jax
-        from jax.experimental.pallas import gpu as plgpu
+        from jax.experimental.pallas import gpu as plgpu  # lazy: GPU lowering only, older jax
 
         cls = plgpu.TritonCompilerParams
     return cls(num_warps=num_warps, num_stages=num_stages)

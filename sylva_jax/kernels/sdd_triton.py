@@ -26,7 +26,7 @@ def triton_available() -> bool:
     if not on_gpu():
         return False
     try:
-        import jax_triton  # noqa: F401
+        import jax_triton  # noqa: F401  (lazy: optional GPU package, probed here)
     except Exception:  # ImportError, or a jaxlib without the triton custom call
         return False
     return True
@@ -34,7 +34,7 @@ def triton_available() -> bool:
 
 @functools.lru_cache(maxsize=None)
 def _kernel():
-    import triton
+    import triton  # lazy: optional GPU package, needed only to build the kernel
     import triton.language as tl
 
     @triton.jit
@@ -76,7 +76,7 @@ def sdd_triton(dy: jax.Array, x: jax.Array, rows: jax.Array, cols: jax.Array, *,
             f"{default_platform()!r}; use backend='xla' (or 'pallas', interpreted on CPU) "
             "or backend='auto'.")
     try:
-        import jax_triton as jt
+        import jax_triton as jt  # lazy: optional GPU package, loaded when the kernel runs
     except Exception as e:  # pragma: no cover - GPU machines only
         raise RuntimeError(
             "sdd backend 'triton' needs the jax-triton package (pip install jax-triton, "

@@ -27,6 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from safetensors import safe_open
+from safetensors.flax import save_file
 
 from sylva_jax import tree
 from sylva_jax.inputs import reading
@@ -89,7 +91,7 @@ def load_pretrained(name_or_path: str | os.PathLike, *, dtype: str = "float32", 
 
 
 def _snapshot(repo_id: str, revision: str | None) -> str:
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import snapshot_download  # lazy: optional, only for hub ids
 
     try:
         return snapshot_download(repo_id, revision=revision, allow_patterns=_HUB_PATTERNS)
@@ -155,8 +157,6 @@ def load_hf_dir(path: str, **overrides):
         raise FileNotFoundError(f"{path!r} has no config.json; a Hugging Face model directory needs config.json "
                                 "and model.safetensors (or model.safetensors.index.json with its shards)")
     config = LlamaConfig.from_json(cfg_path, **overrides)  # names the file and the key itself
-    from safetensors import safe_open
-
     index = os.path.join(path, "model.safetensors.index.json")
     single = os.path.join(path, "model.safetensors")
     if os.path.isfile(single):
@@ -185,7 +185,7 @@ def _hf_tokenizer(path: str):
     if not any(os.path.isfile(os.path.join(path, n)) for n in names):
         warnings.warn(f"{path!r} has no tokenizer files; returning tokenizer=None", stacklevel=3)
         return None
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # lazy: transformers is heavy, only tokenizers need it
 
     with reading(path, "tokenizer files in", _REEXPORT):
         tok = AutoTokenizer.from_pretrained(path)
@@ -200,8 +200,6 @@ def save_pretrained(model: LlamaForCausalLM, out_dir: str | os.PathLike, tokeniz
     Parameters are saved in their stored dtype under their HF names (``[out, in]``); a
     tied head is not written (transformers re-ties it). Returns ``out_dir``.
     """
-    from safetensors.flax import save_file
-
     if not isinstance(model, LlamaForCausalLM):
         raise TypeError(f"save_pretrained expects a LlamaForCausalLM, got {type(model).__name__}")
     out_dir = os.fspath(out_dir)
@@ -322,6 +320,7 @@ def gguf_tokenizer(reader):
     (token_type 3) become special tokens; digits are split one by one before the GPT-2
     byte-level regex (llama.cpp's ``smollm`` / ``llama-bpe`` pre-tokenizers do that too).
     """
+    # lazy: tokenizers / transformers are heavy, only a GGUF tokenizer needs them
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -365,7 +364,7 @@ def _fast_reader_cls():
     Slicing an ``np.memmap`` runs Python ``__array_finalize__`` per slice; the reader slices
     ~250k times for a 49k-token vocabulary, so a plain view makes opening ~3x faster.
     """
-    import gguf
+    import gguf  # lazy: optional dependency, only GGUF files need it
 
     class _FastGGUFReader(gguf.GGUFReader):
         def _get(self, offset, dtype, count=1, override_order=None):
@@ -381,7 +380,7 @@ def _fast_reader_cls():
 
 def open_gguf(path: str):
     """A ``gguf.GGUFReader`` for ``path`` (the fast subclass, or the stock reader if that fails)."""
-    import gguf
+    import gguf  # lazy: optional dependency, only GGUF files need it
 
     try:
         return _fast_reader_cls()(path)
@@ -396,7 +395,7 @@ def load_gguf(path: str, **overrides):
     are put back in HF order with :func:`unpermute_qk` (Q with ``num_attention_heads``, K
     with ``num_key_value_heads``). Returns float32 (or ``param_dtype``) parameters.
     """
-    import gguf
+    import gguf  # lazy: optional dependency, only GGUF files need it
 
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no GGUF file at {path!r}")

@@ -1,0 +1,17 @@
+"""The names the library's registries accept, in a module that imports nothing.
+
+Command lines list these as ``choices`` without loading jax (``--help`` stays fast). Each
+tuple is the one place a name is added; ``tests/test_package.py`` checks that the
+registries behind them hold exactly these names:
+
+- :data:`MASK_SCORERS`: tile scorers of :data:`sylva_jax.importance.METHODS`
+  (docs/algorithm.md, tile importance);
+- :data:`TRAIN_METHODS`: fine-tuning methods, one constructor each in
+  :mod:`sylva_jax.methods` and one merge each in :data:`sylva_jax.interop.merged.MERGES`.
+"""
+from __future__ import annotations
+
+__all__ = ["MASK_SCORERS", "TRAIN_METHODS"]
+
+MASK_SCORERS: tuple[str, ...] = ("sylva", "kfac", "fisher", "grad", "magnitude", "random")
+TRAIN_METHODS: tuple[str, ...] = ("sylva", "lora", "full")
