@@ -128,7 +128,7 @@ class ExperimentConfig:
                                          check=accuracy)
     method: str = setting("sylva", "sylva (sparse embedded tiles), lora, or full fine-tuning",
                           choices=TRAIN_METHODS)
-    mask_method: str = setting("sylva", "tile scorer for sylva: sylva, kfac, fisher, grad, magnitude, random",
+    mask_method: str = setting("sylva", "tile scorer for sylva (docs/algorithm.md §4): " + ", ".join(MASK_SCORERS),
                                choices=MASK_SCORERS)
     factor: str = setting("mean", "Sylva factor statistics: mean (token-mean, published) or tokens "
                                   "(per-token K-FAC)", choices=("mean", "tokens"))

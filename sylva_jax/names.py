@@ -13,5 +13,6 @@ from __future__ import annotations
 
 __all__ = ["MASK_SCORERS", "TRAIN_METHODS"]
 
-MASK_SCORERS: tuple[str, ...] = ("sylva", "kfac", "fisher", "grad", "magnitude", "random")
+MASK_SCORERS: tuple[str, ...] = ("sylva", "sylva_published", "kfac", "newton", "tile_newton", "fisher",
+                                 "grad_sq", "adam_gain", "grad", "magnitude", "random")
 TRAIN_METHODS: tuple[str, ...] = ("sylva", "lora", "full")
