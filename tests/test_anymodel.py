@@ -32,6 +32,7 @@ from sylva_jax import anymodel
 from sylva_jax import tree as tree_lib
 from sylva_jax.adapter import make_adapter
 from sylva_jax.losses import lm_loss
+from tiny import tiny_config
 
 BS = 8
 V, E, H, D, F, T = 48, 32, 4, 8, 64, 6
@@ -637,9 +638,8 @@ def test_llama_through_the_interpreter_equals_the_explicit_hook_route():
     explicit ``adapter.linear_fn`` route (both routes exist; they must agree)."""
     from sylva_jax.models import llama
 
-    cfg = llama.LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64,
-                            num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
-                            initializer_range=0.2)
+    cfg = tiny_config(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      initializer_range=0.2)
     graphdef, params = llama.split(llama.LlamaForCausalLM(cfg, rngs=nnx.Rngs(0)))
     batch = lm_batches(11, 3, 3)[0]
 

@@ -16,15 +16,13 @@ from sylva_jax import curvature as hierarchy
 from sylva_jax import tree as tree_lib
 from sylva_jax.losses import lm_loss
 from sylva_jax.models import llama
+import tiny
 
 VOCAB, T = 128, 8
 
 
 def tiny_config(**kw):
-    base = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=2, initializer_range=0.1,
-                mlp_bias=True)
-    return llama.LlamaConfig(**{**base, **kw})
+    return tiny.tiny_config(**{"vocab_size": VOCAB, "initializer_range": 0.1, "mlp_bias": True, **kw})
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ from flax import nnx
 from sylva_jax import capture, importance
 from sylva_jax import curvature as hierarchy
 from sylva_jax.models import llama
+from tiny import tiny_config
 
 # Tiles of 4x4 and layer dimensions from {4, 8, 12, 20} only: every distinct dimension or
 # shape costs a compilation of the factor / scoring functions.
@@ -172,8 +173,8 @@ def test_errors(stats):
 
 
 def test_compute_masks_end_to_end():
-    cfg = llama.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
-                            num_hidden_layers=2, num_attention_heads=2, initializer_range=0.2)
+    cfg = tiny_config(vocab_size=64, hidden_size=16, intermediate_size=32, num_attention_heads=2,
+                      num_key_value_heads=2, initializer_range=0.2)
     model = llama.LlamaForCausalLM(cfg, rngs=nnx.Rngs(1))
     rng = np.random.default_rng(0)
     ids = rng.integers(1, 64, size=(4, 6)).astype(np.int32)

@@ -21,10 +21,10 @@ from sylva_jax.lora import dropout_keep_mask, init_lora, lora_linear_fn, merge_l
 from sylva_jax.losses import IGNORE_INDEX, lm_loss
 from sylva_jax.models import llama
 from sylva_jax.train import make_schedule, make_train_step
+from tiny import tiny_config, tiny_split
 
 BS = 32
-CFG = llama.LlamaConfig(vocab_size=128, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+CFG = tiny_config(vocab_size=128, hidden_size=128, intermediate_size=256)
 
 
 _norm = getattr(getattr(optax, "tree", None), "norm", None) or optax.global_norm  # optax.global_norm is deprecated
@@ -35,17 +35,8 @@ def copy(tree):
 
 
 def tiny_llama(seed=0, cfg=CFG):
-    """(graphdef, params) of a random tiny LLaMA. Shapes come from ``nnx.eval_shape`` and
-    values from NumPy (std 0.08 weights, unit norms): far faster than an eager init, and
-    large enough weights that gradients are not tiny."""
-    from flax import nnx
-
-    graphdef, abstract = llama.split(nnx.eval_shape(lambda: llama.LlamaForCausalLM(cfg, rngs=nnx.Rngs(0))))
-    rng = np.random.default_rng(seed)
-    params = jax.tree.map(
-        lambda s: jnp.asarray(rng.normal(0.0, 0.08, s.shape) if len(s.shape) == 2 else np.ones(s.shape),
-                              s.dtype), abstract)
-    return graphdef, params
+    """(graphdef, params) of a random tiny LLaMA of ``cfg`` (:func:`tiny.tiny_split`)."""
+    return tiny_split(seed, cfg)
 
 
 def make_batch(seed, b, t=16, lead=()):
