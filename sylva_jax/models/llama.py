@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from sylva_jax import ops
 from sylva_jax.losses import HEAD_CHUNK, lm_head_loss, lm_loss
 
 __all__ = [
@@ -342,16 +343,11 @@ def dense_linear(name: str, x: jax.Array, w: jax.Array, b: jax.Array | None = No
                  *, out_dtype=None) -> jax.Array:
     """Default linear: ``x @ w.T (+ b)``; x ``[..., in]``, w ``[out, in]`` -> ``[..., out]``.
 
-    Computed in ``x.dtype`` with float32 accumulation; the result has ``out_dtype``
-    (default ``x.dtype``). ``name`` is unused (it is the hook signature).
+    :func:`sylva_jax.ops.dense_linear` in the hook signature: computed in ``x.dtype`` with
+    float32 accumulation, the result in ``out_dtype`` (default ``x.dtype``). ``name`` is unused.
     """
     del name
-    y = jax.lax.dot_general(
-        x, w.astype(x.dtype), (((x.ndim - 1,), (1,)), ((), ())), preferred_element_type=jnp.float32
-    )
-    if b is not None:
-        y = y + b.astype(jnp.float32)
-    return y.astype(out_dtype or x.dtype)
+    return ops.dense_linear(x, w, b, out_dtype=out_dtype)
 
 
 def rope_inv_freq(config: LlamaConfig) -> np.ndarray:
