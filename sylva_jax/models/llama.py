@@ -402,11 +402,11 @@ ATTN_BLOCK = 128
 def _prefix_scores(q, k, real, start: int, scale: float):
     """Scores of query rows ``start..start+bq`` against key prefix ``0..start+bq`` (masked).
 
-    q ``[B, bq, K, G, D]``, k ``[B, S, K, D]`` (S = start + bq), real ``[B, S]`` bool ->
+    q ``[B, K, G, bq, D]``, k ``[B, K, S, D]`` (S = start + bq), real ``[B, S]`` bool ->
     ``[B, K, G, bq, S]`` float32, ``finfo.min`` where the key is later than the query or padding.
     """
-    bq, S = q.shape[1], k.shape[1]
-    s = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
+    bq, S = q.shape[-2], k.shape[-2]
+    s = jnp.einsum("bkgtd,bksd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
     causal = jnp.arange(S)[None, :] <= (start + jnp.arange(bq))[:, None]
     keep = causal[None] & real[:, None, :]
     return jnp.where(keep[:, None, None], s, jnp.finfo(jnp.float32).min)
@@ -421,33 +421,21 @@ def _causal_fwd_blocks(q, k, v, real, block):
     """Forward of :func:`causal_attention` plus the softmax statistics ``(max, sum)`` per block."""
     scale = q.shape[-1] ** -0.5
     outs, stats = [], []
-    for start, stop in _blocks(q.shape[1], block):
-        s = _prefix_scores(q[:, start:stop], k[:, :stop].astype(q.dtype), real[:, :stop], start, scale)
+    for start, stop in _blocks(q.shape[-2], block):
+        s = _prefix_scores(q[..., start:stop, :], k[..., :stop, :].astype(q.dtype), real[:, :stop], start, scale)
         m = jnp.max(s, axis=-1, keepdims=True)
         e = jnp.exp(s - m)
         l = jnp.sum(e, axis=-1, keepdims=True)
         p = (e / l).astype(q.dtype)
-        o = jnp.einsum("bkgts,bskd->btkgd", p, v[:, :stop].astype(q.dtype), preferred_element_type=jnp.float32)
+        o = jnp.einsum("bkgts,bksd->bkgtd", p, v[..., :stop, :].astype(q.dtype), preferred_element_type=jnp.float32)
         outs.append(o.astype(q.dtype))
         stats.append((m, l))
-    return jnp.concatenate(outs, axis=1), stats
+    return jnp.concatenate(outs, axis=-2), stats
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(4,))
-def causal_attention(q, k, v, real, block: int = ATTN_BLOCK):
-    """Causal grouped-query attention, exact softmax, computed one query block at a time.
-
-    q ``[B, T, K, G, D]`` (query head ``k * G + g`` uses kv head ``k``), k, v ``[B, T, K, D]``,
-    real ``[B, T]`` bool (False = padding key) -> ``[B, T, K, G, D]`` in ``q.dtype``:
-    ``softmax(q k^T / sqrt(D) + mask) v`` with the mask ``s <= t and real[s]``. Query block
-    ``[t0, t1)`` (``block`` rows) is scored only against keys ``[0, t1)``: the fully masked
-    upper blocks are never computed and no ``[T, T]`` array is held. Masked keys have weight
-    exactly 0, so each row equals the plain softmax over all ``T`` keys to float32 rounding;
-    a row with no visible key (a padding query before any real token) averages the values of
-    its key prefix instead of all ``T``. Scores and softmax are float32; ``p`` is cast to
-    ``q.dtype`` for the product with ``v`` (float32 accumulation). The backward pass keeps
-    only the row max and sum of each block and recomputes the probabilities.
-    """
+def _head_major_attention(q, k, v, real, block):
+    """:func:`causal_attention` on q ``[B, K, G, T, D]``, k, v ``[B, K, T, D]`` (the dots' layout)."""
     return _causal_fwd_blocks(q, k, v, real, block)[0]
 
 
@@ -463,20 +451,41 @@ def _causal_vjp_bwd(block, res, dout):
     dt = q.dtype
     dout = dout.astype(dt)
     dqs, dk, dv = [], jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32)
-    for (start, stop), (m, l) in zip(_blocks(q.shape[1], block), stats):
-        qi, kp, vp, do = q[:, start:stop], k[:, :stop].astype(dt), v[:, :stop].astype(dt), dout[:, start:stop]
+    for (start, stop), (m, l) in zip(_blocks(q.shape[-2], block), stats):
+        qi, do = q[..., start:stop, :], dout[..., start:stop, :]
+        kp, vp = k[..., :stop, :].astype(dt), v[..., :stop, :].astype(dt)
         p = jnp.exp(_prefix_scores(qi, kp, real[:, :stop], start, scale) - m) / l
-        dp = jnp.einsum("btkgd,bskd->bkgts", do, vp, preferred_element_type=jnp.float32)
+        dp = jnp.einsum("bkgtd,bksd->bkgts", do, vp, preferred_element_type=jnp.float32)
         ds = (p * (dp - jnp.sum(p * dp, axis=-1, keepdims=True)) * scale).astype(dt)
-        dv = dv.at[:, :stop].add(jnp.einsum("bkgts,btkgd->bskd", p.astype(dt), do,
-                                            preferred_element_type=jnp.float32))
-        dk = dk.at[:, :stop].add(jnp.einsum("bkgts,btkgd->bskd", ds, qi, preferred_element_type=jnp.float32))
-        dqs.append(jnp.einsum("bkgts,bskd->btkgd", ds, kp, preferred_element_type=jnp.float32))
-    dq = jnp.concatenate(dqs, axis=1).astype(q.dtype)
+        dv = dv.at[..., :stop, :].add(jnp.einsum("bkgts,bkgtd->bksd", p.astype(dt), do,
+                                                 preferred_element_type=jnp.float32))
+        dk = dk.at[..., :stop, :].add(jnp.einsum("bkgts,bkgtd->bksd", ds, qi, preferred_element_type=jnp.float32))
+        dqs.append(jnp.einsum("bkgts,bksd->bkgtd", ds, kp, preferred_element_type=jnp.float32))
+    dq = jnp.concatenate(dqs, axis=-2).astype(q.dtype)
     return dq, dk.astype(k.dtype), dv.astype(v.dtype), None
 
 
-causal_attention.defvjp(_causal_vjp_fwd, _causal_vjp_bwd)
+_head_major_attention.defvjp(_causal_vjp_fwd, _causal_vjp_bwd)
+
+
+def causal_attention(q, k, v, real, block: int = ATTN_BLOCK):
+    """Causal grouped-query attention, exact softmax, computed one query block at a time.
+
+    q ``[B, T, K, G, D]`` (query head ``k * G + g`` uses kv head ``k``), k, v ``[B, T, K, D]``,
+    real ``[B, T]`` bool (False = padding key) -> ``[B, T, K, G, D]`` in ``q.dtype``:
+    ``softmax(q k^T / sqrt(D) + mask) v`` with the mask ``s <= t and real[s]``. Query block
+    ``[t0, t1)`` (``block`` rows) is scored only against keys ``[0, t1)``: the fully masked
+    upper blocks are never computed and no ``[T, T]`` array is held. Masked keys have weight
+    exactly 0, so each row equals the plain softmax over all ``T`` keys to float32 rounding;
+    a row with no visible key (a padding query before any real token) averages the values of
+    its key prefix instead of all ``T``. Scores and softmax are float32; ``p`` is cast to
+    ``q.dtype`` for the product with ``v`` (float32 accumulation). The backward pass keeps
+    only the row max and sum of each block and recomputes the probabilities. The inputs are
+    transposed once to the head-major layout of the dots (not once per block).
+    """
+    out = _head_major_attention(q.transpose(0, 2, 3, 1, 4), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3),
+                                real, block)
+    return out.transpose(0, 3, 1, 2, 4)
 
 
 # ---------------------------------------------------------------------------- modules
