@@ -207,13 +207,22 @@ def _hlo_index(text):
     return index
 
 
+def _is_score_shape(shape, tokens):
+    """A ``[..., query block, key prefix]`` array of ``llama.causal_attention`` (or ``[T, T]``)."""
+    dims = re.search(r"\[([\d,]+)\]", shape)
+    dims = [int(d) for d in dims.group(1).split(",")] if dims else []
+    blocks = llama._blocks(tokens, llama.ATTN_BLOCK)
+    return len(dims) >= 2 and (dims[-2:] == [tokens, tokens] or (
+        dims[-1] in {stop for _, stop in blocks} and dims[-2] in {stop - start for start, stop in blocks}))
+
+
 def _kind(name, line, vocab, tokens):
     shape = re.match(r"\s*(?:ROOT )?%?[\w.\-]+ = (\S+)", line or "")
     shape = shape.group(1) if shape else ""
     is_dot = name.startswith(("ynn_fusion", "dot", "xnn_fusion", "onednn")) or " dot(" in (line or "")
     if str(vocab) in shape:
         return "lm_head+loss: dots" if is_dot else "lm_head+loss: softmax, copies"
-    if f"{tokens},{tokens}]" in shape:
+    if _is_score_shape(shape, tokens):
         return "attention: scores/probs dots" if is_dot else "attention: mask, softmax"
     if is_dot:
         return "linear layers: dots"

@@ -164,18 +164,19 @@ def _pallas_branches(nnz: int, bs: int, out_dtype, interpret: bool | None, kw: d
     return dict(gpu=compiled, tpu=tpu, cpu=compiled if interpret is False else interpreted)
 
 
-def dense_linear(x: jax.Array, w: jax.Array, b: jax.Array | None = None) -> jax.Array:
+def dense_linear(x: jax.Array, w: jax.Array, b: jax.Array | None = None, *, out_dtype=None) -> jax.Array:
     """``y = x @ w.T (+ b)``: x ``[..., in]``, w ``[out, in]``, b ``[out]``.
 
-    The model's plain dense product (same numerics as ``sylva_jax.models.llama.dense_linear``):
-    operands in the compute dtype ``x.dtype`` (``w`` cast to it), float32 accumulation,
-    bias added in float32, result in ``x.dtype``.
+    The model's plain dense product (``sylva_jax.models.llama.dense_linear`` is this one):
+    operands in the compute dtype ``x.dtype`` (``w`` cast to it), a ``dot_general`` that
+    contracts the last axes of both (no transposed copy of ``w``), float32 accumulation,
+    bias added in float32, result in ``out_dtype`` (default ``x.dtype``).
     """
     y = jax.lax.dot_general(x, w.astype(x.dtype), (((x.ndim - 1,), (1,)), ((), ())),
                             preferred_element_type=jnp.float32)
     if b is not None:
         y = y + b.astype(jnp.float32)
-    return y.astype(x.dtype)
+    return y.astype(out_dtype or x.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))

@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from sylva_jax import ops
 from sylva_jax.losses import HEAD_CHUNK, lm_head_loss, lm_loss
 
 __all__ = [
@@ -55,6 +56,7 @@ __all__ = [
     "forward_with_cache",
     "generate",
     "rope_inv_freq",
+    "causal_attention",
     "default_position_ids",
     "pure_dict",
     "LinearFn",
@@ -341,16 +343,11 @@ def dense_linear(name: str, x: jax.Array, w: jax.Array, b: jax.Array | None = No
                  *, out_dtype=None) -> jax.Array:
     """Default linear: ``x @ w.T (+ b)``; x ``[..., in]``, w ``[out, in]`` -> ``[..., out]``.
 
-    Computed in ``x.dtype`` with float32 accumulation; the result has ``out_dtype``
-    (default ``x.dtype``). ``name`` is unused (it is the hook signature).
+    :func:`sylva_jax.ops.dense_linear` in the hook signature: computed in ``x.dtype`` with
+    float32 accumulation, the result in ``out_dtype`` (default ``x.dtype``). ``name`` is unused.
     """
     del name
-    y = jax.lax.dot_general(
-        x, w.astype(x.dtype), (((x.ndim - 1,), (1,)), ((), ())), preferred_element_type=jnp.float32
-    )
-    if b is not None:
-        y = y + b.astype(jnp.float32)
-    return y.astype(out_dtype or x.dtype)
+    return ops.dense_linear(x, w, b, out_dtype=out_dtype)
 
 
 def rope_inv_freq(config: LlamaConfig) -> np.ndarray:
@@ -396,6 +393,99 @@ def _apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 def default_position_ids(attention_mask: jax.Array) -> jax.Array:
     """``clip(cumsum(mask) - 1, 0)`` per row: ``[B, T]`` int32 (left/right padding aware)."""
     return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+# ---------------------------------------------------------------------------- attention
+ATTN_BLOCK = 128
+
+
+def _prefix_scores(q, k, real, start: int, scale: float):
+    """Scores of query rows ``start..start+bq`` against key prefix ``0..start+bq`` (masked).
+
+    q ``[B, K, G, bq, D]``, k ``[B, K, S, D]`` (S = start + bq), real ``[B, S]`` bool ->
+    ``[B, K, G, bq, S]`` float32, ``finfo.min`` where the key is later than the query or padding.
+    """
+    bq, S = q.shape[-2], k.shape[-2]
+    s = jnp.einsum("bkgtd,bksd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
+    causal = jnp.arange(S)[None, :] <= (start + jnp.arange(bq))[:, None]
+    keep = causal[None] & real[:, None, :]
+    return jnp.where(keep[:, None, None], s, jnp.finfo(jnp.float32).min)
+
+
+def _blocks(T: int, block: int):
+    """Static query blocks ``(start, stop)`` covering ``0..T`` (the last one may be shorter)."""
+    return [(i, min(i + block, T)) for i in range(0, T, block)]
+
+
+def _causal_fwd_blocks(q, k, v, real, block):
+    """Forward of :func:`causal_attention` plus the softmax statistics ``(max, sum)`` per block."""
+    scale = q.shape[-1] ** -0.5
+    outs, stats = [], []
+    for start, stop in _blocks(q.shape[-2], block):
+        s = _prefix_scores(q[..., start:stop, :], k[..., :stop, :].astype(q.dtype), real[:, :stop], start, scale)
+        m = jnp.max(s, axis=-1, keepdims=True)
+        e = jnp.exp(s - m)
+        l = jnp.sum(e, axis=-1, keepdims=True)
+        p = (e / l).astype(q.dtype)
+        o = jnp.einsum("bkgts,bksd->bkgtd", p, v[..., :stop, :].astype(q.dtype), preferred_element_type=jnp.float32)
+        outs.append(o.astype(q.dtype))
+        stats.append((m, l))
+    return jnp.concatenate(outs, axis=-2), stats
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _head_major_attention(q, k, v, real, block):
+    """:func:`causal_attention` on q ``[B, K, G, T, D]``, k, v ``[B, K, T, D]`` (the dots' layout)."""
+    return _causal_fwd_blocks(q, k, v, real, block)[0]
+
+
+def _causal_vjp_fwd(q, k, v, real, block):
+    out, stats = _causal_fwd_blocks(q, k, v, real, block)
+    return out, (q, k, v, real, stats)
+
+
+def _causal_vjp_bwd(block, res, dout):
+    """``dq = dS k``, ``dk = dS^T q``, ``dv = P^T dout`` with ``dS = P (dP - rowsum(P dP)) / sqrt(D)``."""
+    q, k, v, real, stats = res
+    scale = q.shape[-1] ** -0.5
+    dt = q.dtype
+    dout = dout.astype(dt)
+    dqs, dk, dv = [], jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32)
+    for (start, stop), (m, l) in zip(_blocks(q.shape[-2], block), stats):
+        qi, do = q[..., start:stop, :], dout[..., start:stop, :]
+        kp, vp = k[..., :stop, :].astype(dt), v[..., :stop, :].astype(dt)
+        p = jnp.exp(_prefix_scores(qi, kp, real[:, :stop], start, scale) - m) / l
+        dp = jnp.einsum("bkgtd,bksd->bkgts", do, vp, preferred_element_type=jnp.float32)
+        ds = (p * (dp - jnp.sum(p * dp, axis=-1, keepdims=True)) * scale).astype(dt)
+        dv = dv.at[..., :stop, :].add(jnp.einsum("bkgts,bkgtd->bksd", p.astype(dt), do,
+                                                 preferred_element_type=jnp.float32))
+        dk = dk.at[..., :stop, :].add(jnp.einsum("bkgts,bkgtd->bksd", ds, qi, preferred_element_type=jnp.float32))
+        dqs.append(jnp.einsum("bkgts,bksd->bkgtd", ds, kp, preferred_element_type=jnp.float32))
+    dq = jnp.concatenate(dqs, axis=-2).astype(q.dtype)
+    return dq, dk.astype(k.dtype), dv.astype(v.dtype), None
+
+
+_head_major_attention.defvjp(_causal_vjp_fwd, _causal_vjp_bwd)
+
+
+def causal_attention(q, k, v, real, block: int = ATTN_BLOCK):
+    """Causal grouped-query attention, exact softmax, computed one query block at a time.
+
+    q ``[B, T, K, G, D]`` (query head ``k * G + g`` uses kv head ``k``), k, v ``[B, T, K, D]``,
+    real ``[B, T]`` bool (False = padding key) -> ``[B, T, K, G, D]`` in ``q.dtype``:
+    ``softmax(q k^T / sqrt(D) + mask) v`` with the mask ``s <= t and real[s]``. Query block
+    ``[t0, t1)`` (``block`` rows) is scored only against keys ``[0, t1)``: the fully masked
+    upper blocks are never computed and no ``[T, T]`` array is held. Masked keys have weight
+    exactly 0, so each row equals the plain softmax over all ``T`` keys to float32 rounding;
+    a row with no visible key (a padding query before any real token) averages the values of
+    its key prefix instead of all ``T``. Scores and softmax are float32; ``p`` is cast to
+    ``q.dtype`` for the product with ``v`` (float32 accumulation). The backward pass keeps
+    only the row max and sum of each block and recomputes the probabilities. The inputs are
+    transposed once to the head-major layout of the dots (not once per block).
+    """
+    out = _head_major_attention(q.transpose(0, 2, 3, 1, 4), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3),
+                                real, block)
+    return out.transpose(0, 3, 1, 2, 4)
 
 
 # ---------------------------------------------------------------------------- modules
@@ -466,11 +556,12 @@ class LlamaAttention(nnx.Module):
         self.head_dim = hd
 
     def __call__(self, h, cos, sin, mask, linear_fn, kv=None, index=None):
-        """h ``[B, T, hidden]``; cos/sin ``[B, T, 1, D]``; mask ``[B, T, S]`` bool (True = attend).
+        """h ``[B, T, hidden]``; cos/sin ``[B, T, 1, D]``; mask bool (True = real / attend).
 
-        Without ``kv``, S = T (keys are this call's tokens). With ``kv = (k, v)`` of shape
-        ``[B, S, Hkv, D]``, this call's keys/values are written at ``index`` and all S slots
-        are attended. Returns ``(out [B, T, hidden], new kv or None)``.
+        Without ``kv``, mask is ``[B, T]`` (the real tokens) and the keys are this call's
+        tokens, attended causally by :func:`causal_attention`. With ``kv = (k, v)`` of shape
+        ``[B, S, Hkv, D]``, mask is ``[B, T, S]``, this call's keys/values are written at
+        ``index`` and all S slots are attended. Returns ``(out [B, T, hidden], new kv or None)``.
         """
         B, T, _ = h.shape
         K, D = self.num_kv_heads, self.head_dim
@@ -487,6 +578,9 @@ class LlamaAttention(nnx.Module):
             new_kv = (k, v)
         # query head h uses kv head h // G (HF repeat_kv order)
         q = q.reshape(B, T, K, G, D)
+        if kv is None:
+            out = causal_attention(q, k, v, mask)
+            return self.o_proj(out.reshape(B, T, self.num_heads * D), linear_fn), None
         scores = jnp.einsum("btkgd,bskd->bkgts", q, k.astype(q.dtype), preferred_element_type=jnp.float32)
         scores = scores * (D ** -0.5)
         scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
@@ -615,8 +709,7 @@ class LlamaForCausalLM(nnx.Module):
         if cache is None:
             if position_ids is None:
                 position_ids = default_position_ids(attention_mask)
-            causal = jnp.tril(jnp.ones((T, T), bool))
-            mask = causal[None] & real[:, None, :]
+            mask = real  # causal_attention applies the causal part block by block
             index = None
         else:
             if position_ids is None:
