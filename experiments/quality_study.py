@@ -61,7 +61,7 @@ SETTINGS: dict[str, Any] = dict(
 QUICK = dict(n_val=12, n_heldout=24, calib_samples=8, scopes=["self_attn"], sparsities=[0.95],
              pilot_scope="self_attn", pilot_steps=8, pilot_points=[2, 4, 8], min_steps=4, batch=1,
              lr_grid={"tiles": [3.16e-3], "lora": [3.16e-3], "full": [1e-4]},
-             scorers=["grad", "random", "sylva"], alloc_scorers=[], leaders=1, seeds=2)
+             scorers=["grad", "random", "sylva", "magnitude"], alloc_scorers=[], leaders=1, seeds=2)
 STAGES = ("pilot", "screen", "confirm")
 
 
