@@ -98,9 +98,12 @@ def weights_stats(fn, scope: str):
                                  for n, w in capture.scoped_weights(fn, scope).items()}, scope=scope)
 
 
-def arm_masks(stats, arm: Arm, *, sparsity: float, block_size: int, seed: int) -> dict[str, np.ndarray]:
-    """The arm's masks ``{path: bool [out/bs, in/bs]}``; ``seed`` draws ``random``'s tiles."""
+def arm_masks(stats, arm: Arm, *, sparsity: float, block_size: int, seed: int, batch: int) -> dict[str, np.ndarray]:
+    """The arm's masks ``{path: bool [out/bs, in/bs]}``; ``seed`` draws ``random``'s tiles;
+    ``batch`` (sequences per update) is ``adam_gain``'s ``b``."""
     kw = {"allocation": arm.allocation} if arm.allocation != "layer" else {}
+    if arm.scorer == "adam_gain":
+        kw["b"] = int(batch)
     return importance.select_blocks(stats, sparsity=sparsity, block_size=block_size, method=arm.scorer,
                                     seed=seed, **kw)
 

@@ -219,7 +219,8 @@ class Study:
         if key not in self._masks:
             full, weights_only = self.stats(scope)
             st = full if arm.scorer in importance.NEEDS_STATS else weights_only
-            self._masks[key] = arm_masks(st, arm, sparsity=sparsity, block_size=self.s["block_size"], seed=seed)
+            self._masks[key] = arm_masks(st, arm, sparsity=sparsity, block_size=self.s["block_size"], seed=seed,
+                                         batch=self.s["batch"])
         return self._masks[key]
 
     def tile_budget(self, scope: str, sparsity: float) -> int:

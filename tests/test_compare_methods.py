@@ -188,3 +188,27 @@ def test_estimate_counts_the_work_of_each_stage():
 def test_report_reads_the_old_study(capsys):
     res = compare_methods.main(["--report", "--out", str(Path(compare_methods.RESULTS) / "quality_full.json")])
     assert "arms" in res and "model.layers/grad" in capsys.readouterr().out
+
+
+def test_one_calibration_pass_gives_every_scorers_masks(fast_compiles):
+    """Every scorer of importance.METHODS, and the allocation variants where the library
+    has them, builds its mask from the study's single calibration pass."""
+    from sylva_jax import capture, importance
+    from sylva_jax.data.batching import collate
+
+    graphdef, params, tok = _tiny_model()
+    rng = np.random.default_rng(0)
+    rows = [{"input_ids": rng.integers(1, 500, 32), "labels": rng.integers(1, 500, 32)} for _ in range(4)]
+    calib = [collate(rows[i:i + 2], pad_id=0, pad_to=32) for i in (0, 2)]
+    fn = capture.functional_model((graphdef, params))
+    st, sec = quality_arms.calibrate(fn, calib, scope="self_attn", num_samples=4, num_partition=2)
+    wst = quality_arms.weights_stats(fn, "self_attn")
+    assert sec > 0 and len(st) == 4
+    for arm in quality_arms.screen_arms(importance.METHODS, ["grad"]):
+        if arm.family != "tiles":
+            continue
+        m = quality_arms.arm_masks(st if arm.scorer in importance.NEEDS_STATS else wst, arm, sparsity=0.75,
+                                   block_size=BS, seed=0, batch=2)
+        assert set(m) == set(st.layers) and sum(int(v.sum()) for v in m.values()) > 0, arm.name
+        if arm.allocation == "layer":  # per-layer top-k: a quarter of each layer's tiles
+            assert all(int(v.sum()) == round(0.25 * v.size) for v in m.values()), arm.name
