@@ -301,7 +301,8 @@ class Study:
         self.res["pilot"] = {"curves": curves, **choice, "lr": s["pilot_lr"], "scope": s["pilot_scope"],
                              "sparsity": s["pilot_sparsity"]}
         self.save()
-        log(f"pilot: gaps {dict(zip(choice['steps'], np.round(choice['gaps'], 4)))} -> length {choice['length']}")
+        log(f"pilot: gaps " + ", ".join(f"{st}: {g:.4f}" for st, g in zip(choice["steps"], choice["gaps"]))
+            + f" -> length {choice['length']}")
         return self.res["pilot"]
 
     def length(self) -> int:

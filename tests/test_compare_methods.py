@@ -114,6 +114,14 @@ def test_stages_select_on_validation_and_resume_identically(tmp_path, fast_compi
     assert lora and all(r["integrity"]["max_change_outside_trainable"] == 0.0 for r in lora)
     assert all(r["trainable_params"] > 0 for r in res["runs"].values())
     assert "confirm self_attn@0.75" in quality_report.markdown(res)
+    # a run's kept weights rebuild its trained model: the held-out loss of seed 1 (evaluated
+    # when trained) again from the run cache, for a tile arm and for LoRA
+    for name in ("sylva", "lora"):
+        r1 = next(r for r in res["runs"].values() if r["arm"] == name and r["seed"] == 1)
+        spec = study.spec(quality_arms.Arm.parse(name), "self_attn", 0.75, r1["lr"], 1)
+        assert spec.key == r1["key"]
+        again_loss = study.evaluate(study.kept_params(spec, r1), "heldout")["loss"]
+        assert again_loss == pytest.approx(r1["heldout_loss"], rel=1e-5), name
 
     # interrupted inside confirm: the file holds the runs finished before, and no confirm
     # summary (it is written after a cell's runs); the rerun trains only the rest, identically
