@@ -6,14 +6,16 @@ result and its summary fields:
 1. open the run: join a multi-host job, check and prepare ``output_dir``
    (:mod:`sylva_jax.run_dir`), record the settings, build the device mesh;
 2. load the model, the training data and MMLU;
-3. ``sylva`` only: reuse cached tile masks whose metadata matches, or compute them;
+3. methods that train tiles (:attr:`sylva_jax.recipes.Recipe.needs_masks`): reuse
+   cached tile masks whose metadata matches, or compute them;
 4. build the trainer (:func:`sylva_jax.train.make_train_step`) and its state;
 5. evaluate before training (or restore the latest checkpoint), train
    (:func:`sylva_jax.experiment_train.train`);
-6. export from the best checkpoint (the Sylva adapter);
+6. export from the best checkpoint (the method's adapter, PEFT adapter, merged model);
 7. write ``summary.json`` and the plot.
 
-Imported only when a run starts (by :func:`sylva_jax.experiment.run`).
+What depends on the method is looked up in :data:`sylva_jax.recipes.RECIPES`. Imported
+only when a run starts (by :func:`sylva_jax.experiment.run`).
 """
 from __future__ import annotations
 
@@ -32,9 +34,9 @@ from jax.experimental import multihost_utils
 from sylva_jax import checkpoint as ckpt_lib
 from sylva_jax import compile_cache
 from sylva_jax import export as export_lib
-from sylva_jax.adapter import make_adapter
 from sylva_jax.importance import compute_masks
 from sylva_jax import masks as masks_lib
+from sylva_jax import recipes
 from sylva_jax import run_dir as rd
 from sylva_jax import sharding
 from sylva_jax import tree as tree_lib
@@ -282,14 +284,15 @@ def select_masks(cfg: ExperimentConfig, run: rd.RunDir, devices: Devices, model,
 @dataclasses.dataclass(frozen=True)
 class Built:
     """The trainer (:class:`sylva_jax.train.Trainer`), its first state, the step to call
-    (jitted; on a mesh, re-jitted with shardings), the adapter (sylva) and the length."""
+    (jitted; on a mesh, re-jitted with shardings), the method's adapter (``None`` when its
+    recipe has none) and the length."""
 
     trainer: Any
     state: Any
     step: Any
     adapter: Any
     total_steps: int
-    base_tiles: Any = None  # sylva: the adapter's tiles before training (PEFT deltas)
+    base_tiles: Any = None  # with an adapter: its tiles before training (PEFT deltas)
     graphdef: Any = None    # the model's structure, for the merged export
 
 
@@ -301,8 +304,11 @@ def _total_steps(cfg: ExperimentConfig, n_examples: int, per_step: int) -> int:
 
 def build_trainer(cfg: ExperimentConfig, devices: Devices, graphdef, params, masks, n_examples: int,
                   global_batch: int) -> tuple[Built, dict]:
-    """The training step of ``cfg.method`` through :func:`sylva_jax.train.make_train_step`,
-    its state from the weights ``params``, and summary fields."""
+    """The training step of ``cfg.method`` through :func:`sylva_jax.train.make_train_step`
+    (its adapter and keywords from :data:`sylva_jax.recipes.RECIPES`; ``masks`` as
+    :func:`select_masks`, ``None`` for a method that needs none), its state from the
+    weights ``params``, and summary fields."""
+    recipe = recipes.recipe_of(cfg.method)
     total = _total_steps(cfg, n_examples, global_batch * cfg.gradient_accumulation_steps)
     warm = min(cfg.num_warmup_steps, max(total - 1, 0))
     if warm != cfg.num_warmup_steps:
@@ -310,13 +316,8 @@ def build_trainer(cfg: ExperimentConfig, devices: Devices, graphdef, params, mas
     kw = dict(method=cfg.method, learning_rate=cfg.learning_rate, schedule=cfg.scheduler,
               warmup_steps=warm, total_steps=total if cfg.scheduler != "constant" else None,
               weight_decay=cfg.weight_decay, accum_steps=cfg.gradient_accumulation_steps)
-    adapter = None
-    if cfg.method == "sylva":
-        adapter = kw["adapter"] = make_adapter(params, masks, block_size=cfg.block_size)
-    elif cfg.method == "lora":
-        kw.update(scope=cfg.scope, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
-                  lora_dropout=cfg.lora_dropout)
-    trainer = make_train_step(graphdef, **kw)
+    adapter = None if recipe.adapter is None else recipe.adapter(params, masks, cfg.block_size)
+    trainer = make_train_step(graphdef, **kw, **recipe.train_kwargs(cfg, adapter))
     base_tiles = None if adapter is None else jax.device_get(adapter.tiles(params))
     if devices.mesh is None:
         state, step = trainer.init(params, seed=cfg.seed), trainer.step
@@ -329,7 +330,7 @@ def build_trainer(cfg: ExperimentConfig, devices: Devices, graphdef, params, mas
         f"{cfg.per_device_train_batch_size} x {cfg.gradient_accumulation_steps} sequences")
     facts = {"method": cfg.method, "trainable_params": n, "total_steps": total,
              "tokens_per_step_max": global_batch * cfg.gradient_accumulation_steps * cfg.max_seq_len}
-    if cfg.method != "sylva":
+    if not recipe.needs_masks:
         facts.update(sparsity_scope=None, sparsity_total=None)
     return Built(trainer, state, step, adapter, total, base_tiles, graphdef), facts
 
@@ -349,7 +350,7 @@ def _prepare(cfg: ExperimentConfig, run: rd.RunDir, devices: Devices, global_bat
         questions, f = load_mmlu(cfg, tok)
         facts.update(f)
     masks = None
-    if cfg.method == "sylva":
+    if recipes.recipe_of(cfg.method).needs_masks:
         with stage("masks", times):
             masks, f = select_masks(cfg, run, devices, model, graphdef, params, examples, tok,
                                     facts["data"]["source"])
@@ -391,22 +392,23 @@ def outcome_facts(outcome: Outcome, devices: Devices) -> dict:
 def export(cfg: ExperimentConfig, run: rd.RunDir, devices: Devices, built: Built, ckpts,
            outcome: Outcome, tok) -> dict:
     """The exports of a completed run, from its best checkpoint (summary fields):
-    ``adapter/`` (sylva: tiles, coordinates, base fingerprint), ``peft_adapter/`` (sylva as
-    PEFT SHiRA, lora as PEFT LoRA; off with ``--no_export_peft``) and ``merged/`` (a plain
+    ``adapter/`` (a method with an adapter, sylva: tiles, coordinates, base fingerprint;
+    always written), ``peft_adapter/`` (the recipe's PEFT writer: sylva as PEFT SHiRA, lora
+    as PEFT LoRA; off with ``--no_export_peft``) and ``merged/`` (a plain
     Hugging Face checkpoint of every method; off with ``--no_export_merged``). Stopped and
     interrupted runs export nothing (they are resumed first)."""
     if outcome.status in ("interrupted", "stopped"):
         return {}
-    want = cfg.method == "sylva" or not (cfg.no_export_peft and cfg.no_export_merged)
+    want = built.adapter is not None or not (cfg.no_export_peft and cfg.no_export_merged)
     if not want:
         return {}
     best_state = ckpts.restore_best(outcome.state) or outcome.state
     best_params = devices.host(best_state.params)  # gathered on every process
-    extras = devices.host(best_state.extras) if cfg.method == "lora" else None
+    extras = devices.host(best_state.extras) if recipes.recipe_of(cfg.method).export_extras else None
     if not devices.primary:
         return {}
     try:
-        if cfg.method == "sylva":
+        if built.adapter is not None:
             path = ckpt_lib.save_adapter(run.adapter, built.adapter, best_params)
             log(f"adapter (best step {outcome.best['step']}) saved to {path}")
         paths = export_lib.export_run(

@@ -26,6 +26,7 @@ from typing import Any
 from sylva_jax.interop.merged import MERGES, merged_params, save_merged
 from sylva_jax.interop.peft_lora import load_peft_lora, lora_target_modules, save_peft_lora
 from sylva_jax.interop.peft_shira import ShiraBudgetError, load_peft_shira, save_peft_shira, shira_rank
+from sylva_jax.recipes import RECIPES, recipe_of
 
 __all__ = [
     "export_peft",
@@ -62,25 +63,18 @@ def export_peft(out_dir: str | os.PathLike, method: str, params: Any, *, adapter
         taken before training.
       base_name_or_path: ``base_model_name_or_path`` written in the config.
       lora_dropout: recorded in a LoRA config.
-    Returns the directory. ``ValueError`` for ``"full"`` (no adapter: use
-    :func:`export_merged`) and for Sylva tiles that do not fit SHiRA (:func:`shira_rank`).
+    Returns the directory, written by the method's :attr:`sylva_jax.recipes.Recipe.peft`.
+    ``ValueError`` for ``"full"`` (no adapter: use :func:`export_merged`) and for Sylva
+    tiles that do not fit SHiRA (:func:`shira_rank`).
     """
-    if method == "sylva":
-        if adapter is None or (base_params is None and base_tiles is None):
-            raise ValueError("export_peft('sylva', ...) needs adapter=<the run's Adapter> and base_params=<the base "
-                             "model's parameters> or base_tiles=adapter.tiles(base_params) (the SHiRA values are "
-                             "W_tuned - W_base on the tiles)")
-        return save_peft_shira(out_dir, adapter, params, base_params, base_tiles=base_tiles,
-                               base_name_or_path=base_name_or_path)
-    if method == "lora":
-        if lora is None:
-            raise ValueError("export_peft('lora', ...) needs lora=<the run's LoraParams> (TrainState.extras)")
-        return save_peft_lora(out_dir, lora, params if base_params is None else base_params,
-                              dropout=lora_dropout, base_name_or_path=base_name_or_path)
-    if method == "full":
-        raise ValueError("full fine-tuning changes every weight, which no PEFT adapter holds; write a merged "
-                         "checkpoint instead: sylva_jax.export.export_merged(out_dir, 'full', model, params)")
-    raise ValueError(f"unknown method {method!r}; export_peft knows 'sylva' and 'lora'")
+    recipe = RECIPES.get(method)
+    if recipe is None:
+        known = " and ".join(repr(name) for name, r in RECIPES.items() if r.peft is not None)
+        raise ValueError(f"unknown method {method!r}; export_peft knows {known}")
+    if recipe.peft is None:
+        raise ValueError(recipe.no_peft)
+    return recipe.peft(out_dir, params, adapter=adapter, lora=lora, base_params=base_params, base_tiles=base_tiles,
+                       base_name_or_path=base_name_or_path, lora_dropout=lora_dropout)
 
 
 def export_merged(out_dir: str | os.PathLike, method: str, model, params: Any, extras: Any = None, *,
@@ -99,7 +93,8 @@ def export_run(out_dir: str | os.PathLike, method: str, model, params: Any, *, e
                adapter=None, base_tiles: Any = None, base_params: Any = None, tokenizer=None,
                base_name_or_path: str | None = None, lora_dropout: float = 0.0, peft: bool = True,
                merged: bool = True, log=print) -> dict[str, Path | None]:
-    """A finished run's exports: ``out_dir/peft_adapter`` (sylva, lora) and
+    """A finished run's exports: ``out_dir/peft_adapter`` (methods whose
+    :class:`sylva_jax.recipes.Recipe` has a ``peft`` writer: sylva, lora) and
     ``out_dir/merged`` (every method), each optional (``peft``, ``merged``).
 
     Arguments as :func:`export_peft` and :func:`export_merged` (``extras`` is the lora
@@ -113,7 +108,7 @@ def export_run(out_dir: str | os.PathLike, method: str, model, params: Any, *, e
     if merged:
         paths["merged"] = export_merged(out / "merged", method, model, params, extras, tokenizer=tokenizer)
         log(f"merged Hugging Face checkpoint written to {paths['merged']}")
-    if peft and method in ("sylva", "lora"):
+    if peft and recipe_of(method).peft is not None:
         try:
             paths["peft_adapter"] = export_peft(out / "peft_adapter", method, params, adapter=adapter, lora=extras,
                                                 base_params=base_params, base_tiles=base_tiles,

@@ -7,7 +7,8 @@ registries behind them hold exactly these names:
 - :data:`MASK_SCORERS`: tile scorers of :data:`sylva_jax.importance.METHODS`
   (docs/algorithm.md, tile importance);
 - :data:`TRAIN_METHODS`: fine-tuning methods, one constructor each in
-  :mod:`sylva_jax.methods` and one merge each in :data:`sylva_jax.interop.merged.MERGES`.
+  :mod:`sylva_jax.methods`, one merge each in :data:`sylva_jax.interop.merged.MERGES` and
+  one recipe each (masks, trainer keywords, exports) in :data:`sylva_jax.recipes.RECIPES`.
 """
 from __future__ import annotations
 

@@ -18,11 +18,12 @@ import pytest
 
 from tiny import tiny_config
 
-from sylva_jax import tree
+from sylva_jax import recipes, tree
 from sylva_jax.adapter import make_adapter
 from sylva_jax.export import (ShiraBudgetError, export_merged, export_peft, export_run, load_peft_lora,
                               load_peft_shira, lora_target_modules, merged_params, save_peft_lora,
                               save_peft_shira, shira_rank)
+from sylva_jax.interop import merged as merged_lib
 from sylva_jax.lora import LoraParams, init_lora, lora_linear_fn
 from sylva_jax.models.llama import LlamaConfig, apply, init_model, merge, split
 from sylva_jax.models.loading import save_pretrained
@@ -366,3 +367,32 @@ def test_smollm2_sylva_adapter_loads_in_peft(smollm2, tmp_path):
     # ~1e-4 (test_loading); 2e-3 bounds it, against a fine-tuning effect > 0.5
     assert np.abs(ours - _ours(model, params)).max() > 0.5
     assert np.abs(got - ours).max() < 2e-3, np.abs(got - ours).max()
+
+
+def test_a_registered_recipe_is_exported_without_touching_export(tmp_path, monkeypatch):
+    """export_peft / export_run dispatch on sylva_jax.recipes.RECIPES only: a new method's
+    recipe (and merge) is all it takes; a method without a PEFT writer says what instead."""
+    model = init_model(_config("float32"), seed=0)
+    graphdef, params = split(model)
+    tuned = jax.tree.map(lambda w: w * 1.5, params)
+    written = []
+
+    def writer(out_dir, p, **kw):
+        written.append((out_dir, kw["base_name_or_path"]))
+        out_dir.mkdir(parents=True)
+        return out_dir
+
+    monkeypatch.setitem(recipes.RECIPES, "mine", recipes.Recipe(
+        name="mine", needs_masks=False, adapter=None, train_kwargs=lambda cfg, adapter: {}, peft=writer))
+    monkeypatch.setitem(merged_lib.MERGES, "mine", lambda p, extras: p)
+    paths = export_run(tmp_path / "run", "mine", graphdef, tuned, base_name_or_path="base", log=lambda m: None)
+    assert paths["peft_adapter"] == tmp_path / "run" / "peft_adapter" and paths["peft_adapter"].is_dir()
+    assert written == [(paths["peft_adapter"], "base")]
+    assert (paths["merged"] / "model.safetensors").is_file()
+    monkeypatch.setitem(recipes.RECIPES, "mine", recipes.RECIPES["mine"]._replace(peft=None, no_peft="use X"))
+    with pytest.raises(ValueError, match="^use X$"):
+        export_peft(tmp_path / "a", "mine", tuned)
+    paths = export_run(tmp_path / "run2", "mine", graphdef, tuned, log=lambda m: None)
+    assert paths["peft_adapter"] is None and paths["merged"].is_dir()
+    with pytest.raises(ValueError, match=r"unknown method 'nope'; export_peft knows 'sylva' and 'lora'"):
+        export_peft(tmp_path / "b", "nope", tuned)

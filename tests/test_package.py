@@ -184,9 +184,13 @@ def test_function_local_imports_of_sylva_jax_modules_are_the_deliberate_lazy_one
 
 def test_the_light_names_are_the_registries_names():
     """sylva_jax.names (jax-free, for command lines) cannot drift from the registries."""
-    from sylva_jax import importance, methods, names
+    from sylva_jax import importance, methods, names, recipes
     from sylva_jax.interop.merged import MERGES
 
     assert names.MASK_SCORERS == tuple(importance.METHODS)
     assert set(names.TRAIN_METHODS) == set(MERGES)
     assert all(callable(getattr(methods, m)) for m in names.TRAIN_METHODS)
+    assert tuple(recipes.RECIPES) == names.TRAIN_METHODS
+    assert all(r.name == name for name, r in recipes.RECIPES.items())
+    # a method without a PEFT writer says what to write instead
+    assert all(r.peft is not None or "export_merged" in r.no_peft for r in recipes.RECIPES.values())
