@@ -25,9 +25,21 @@ SCOPE = "self_attn"
 
 
 def tiny(seed=0):
-    from tiny import tiny_split  # tests/ is this script's folder (on sys.path)
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
 
-    return tiny_split(seed)
+    from sylva_jax.models import llama
+
+    cfg = llama.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128,
+                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                            max_position_embeddings=64)
+    graphdef, abstract = llama.split(nnx.eval_shape(lambda: llama.LlamaForCausalLM(cfg, rngs=nnx.Rngs(0))))
+    rng = np.random.default_rng(seed)
+    params = jax.tree.map(
+        lambda s: np.asarray(rng.normal(0.0, 0.08, s.shape) if len(s.shape) == 2 else np.ones(s.shape),
+                             s.dtype), abstract)
+    return graphdef, params
 
 
 def make_batch(seed, b, t=16, lead=()):
