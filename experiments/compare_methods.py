@@ -49,6 +49,11 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--steps", type=int, help="run length of screen and confirm (default: the pilot's choice)")
     ap.add_argument("--batch", type=int)
     ap.add_argument("--seeds", type=int)
+    ap.add_argument("--screen_cells", nargs="+", metavar="SCOPE@SPARSITY",
+                    help="cells the screen runs in (default: every cell); confirm runs in every cell")
+    ap.add_argument("--alloc_scorers", nargs="+", help="scorers also screened with global and proportional allocation")
+    ap.add_argument("--leaders", type=int, help="how many screen leaders the confirm stage takes (default 3)")
+    ap.add_argument("--no_full", action="store_true", help="skip full fine-tuning's sweep in the screen")
     compile_cache.add_argument(ap)
     return ap
 
@@ -61,7 +66,9 @@ def main(argv=None) -> dict:
         print(markdown(res) if res.get("study") == "tile_selection" else legacy_markdown(res))
         return res
     s = settings_for(a.quick, data=a.data, model=a.model, scopes=a.scopes, sparsities=a.sparsities,
-                     scorers=a.scorers, steps=a.steps, batch=a.batch, seeds=a.seeds)
+                     scorers=a.scorers, steps=a.steps, batch=a.batch, seeds=a.seeds,
+                     screen_cells=a.screen_cells, alloc_scorers=a.alloc_scorers, leaders=a.leaders,
+                     full=False if a.no_full else None)
     if a.estimate and not out.exists():
         est = estimate_seconds(s, UNIT_COSTS, set(), None, None, traced=None)
         print("\n".join(f"{k}: {v / 3600:.2f} h" for k, v in est.items()))

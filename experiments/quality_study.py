@@ -56,8 +56,15 @@ SETTINGS: dict[str, Any] = dict(
     pilot_arms=["random", "grad"], pilot_scope="model.layers", pilot_sparsity=0.95, pilot_lr=3.16e-3,
     pilot_steps=128, pilot_points=[16, 32, 64, 128], min_steps=64, gap_frac=0.75, steps=None,
     lr_grid={"tiles": [1e-3, 3.16e-3, 1e-2], "lora": [1e-3, 3.16e-3, 1e-2], "full": [3.16e-5, 1e-4, 3.16e-4]},
-    scorers=None, alloc_scorers=["grad", "grad_sq"], leaders=3, seeds=3,
+    scorers=None, alloc_scorers=["grad", "grad_sq"], leaders=3, seeds=3, screen_cells=None,
+    full=True,
 )
+# the plan: which runs a stage asks for. A run's result depends only on the other settings
+# (and its RunSpec), so the plan may grow between sessions of one study (more cells, seeds,
+# scorers) without invalidating a finished run; the fingerprint leaves it out.
+PLAN = ("scopes", "sparsities", "scorers", "alloc_scorers", "leaders", "seeds", "lr_grid", "steps",
+        "screen_cells", "full", "pilot_arms", "pilot_scope", "pilot_sparsity", "pilot_lr", "pilot_steps",
+        "pilot_points", "min_steps", "gap_frac")
 QUICK = dict(n_val=12, n_heldout=24, calib_samples=8, scopes=["self_attn"], sparsities=[0.95],
              pilot_scope="self_attn", pilot_steps=8, pilot_points=[2, 4, 8], min_steps=4, batch=1,
              lr_grid={"tiles": [3.16e-3], "lora": [3.16e-3], "full": [1e-4]},
@@ -70,11 +77,30 @@ def settings_for(quick: bool = False, **overrides) -> dict:
     s.update({k: v for k, v in overrides.items() if v is not None})
     if s["scorers"] is None:
         s["scorers"] = list(importance.METHODS)
+    for c in s.get("screen_cells") or ():
+        parse_cell(c)  # a clear error now rather than after hours of runs
     return s
 
 
 def fingerprint(settings: dict) -> str:
-    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    """A hash of the settings that a run's result depends on (everything but :data:`PLAN`)."""
+    fixed = {k: v for k, v in settings.items() if k not in PLAN}
+    return hashlib.sha256(json.dumps(fixed, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def cell_key(scope: str, sparsity: float) -> str:
+    return f"{scope}@{sparsity:g}"
+
+
+def parse_cell(text: str) -> tuple[str, float]:
+    """``"model.layers@0.99"`` -> ``("model.layers", 0.99)``."""
+    scope, at, sp = text.rpartition("@")
+    try:
+        if not (scope and at):
+            raise ValueError
+        return scope, float(sp)
+    except ValueError:
+        raise ValueError(f"cell {text!r} is not SCOPE@SPARSITY, e.g. model.layers@0.99") from None
 
 
 def split_indices(n: int, *, seed: int, n_heldout: int, n_val: int) -> dict[str, list[int]]:
@@ -128,6 +154,7 @@ class Study:
                 raise SystemExit(f"{self.out} holds a study with other settings (fingerprint {old.get('fingerprint')} "
                                  f"!= {self.fp}); pass --fresh to start over or --out to write elsewhere")
             log(f"resuming {self.out}: {len(old['runs'])} finished runs")
+            old["settings"] = self.s  # the plan may have grown; the runs' settings are the same
             return old
         return {"study": "tile_selection", "fingerprint": self.fp, "settings": self.s, "runs": {}, "cells": {},
                 "calibration": {}, "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
@@ -259,12 +286,31 @@ class Study:
             self.save()
         return rec
 
+    def retrain(self, spec: RunSpec, rec: dict) -> None:
+        """Train a finished run again whose kept weights are gone (the run cache lives on
+        one machine, the results file in the repository), into the cache; its validation
+        loss must be the recorded one (a run is a function of its settings and spec)."""
+        arm = spec.arm
+        masks = self.masks(spec.scope, arm, spec.sparsity, spec.seed) if arm.family == "tiles" else None
+        rank = rec.get("lora_rank") if arm.family == "lora" else None
+        log(f"  {spec.key}: kept weights not in the run cache, training it again")
+        again, _, kept = self.runner.train(spec, self.batches(spec.seed, spec.steps), masks=masks, rank=rank,
+                                           eval_at={spec.steps: "val"})
+        val = again["curve"][-1][1]
+        if abs(val - rec["val_loss"]) > 1e-4 * abs(rec["val_loss"]):
+            raise RuntimeError(f"run {spec.key} trained again reached validation loss {val:.6f}, the record says "
+                               f"{rec['val_loss']:.6f}: the code or the machine changed what a run computes; "
+                               "start a fresh study (--fresh) rather than mix the two")
+        self.cache.save(_stem(spec.key), {"key": spec.key}, kept)
+
     def kept_params(self, spec: RunSpec, rec: dict):
         """The parameters of a finished run, rebuilt from its kept weights."""
         import jax
 
         self.setup()
         fam = spec.arm.family
+        if self.cache.record(_stem(spec.key)) is None:
+            self.retrain(spec, rec)
         if fam == "tiles":
             masks = self.masks(spec.scope, spec.arm, spec.sparsity, spec.seed)
             treedef = jax.tree.structure({n: 0 for n in masks})
@@ -316,23 +362,41 @@ class Study:
     def cells(self):
         return [(scope, sp) for scope in self.s["scopes"] for sp in self.s["sparsities"]]
 
+    def screen_cells(self):
+        """The cells the screen runs in: ``screen_cells`` (``["scope@sparsity", ...]``), else every cell."""
+        given = self.s.get("screen_cells")
+        return [parse_cell(c) for c in given] if given else self.cells()
+
+    def _ref(self) -> Arm:
+        return Arm("tiles", "grad") if "grad" in self.s["scorers"] else Arm("tiles", self.s["scorers"][0])
+
+    def rates(self, scope: str, sparsity: float) -> dict:
+        """The cell's rates, swept once on validation (seed 0): the reference tile arm's
+        (``grad``; every other tile arm takes it) and LoRA's."""
+        cell = self.res["cells"].setdefault(cell_key(scope, sparsity), {"scope": scope, "sparsity": sparsity})
+        if "rates" not in cell:
+            cell["rates"] = {"tiles": self.sweep(self._ref(), scope, sparsity),
+                             "lora": self.sweep(Arm("lora"), scope, sparsity)}
+            self.save()
+        return cell["rates"]
+
     def screen(self) -> dict:
-        """Every arm in every cell, one seed; rates chosen on validation (module doc)."""
+        """Every arm in every screen cell, one seed; rates chosen on validation (module doc)."""
         s = self.s
         arms = screen_arms(s["scorers"], s["alloc_scorers"])
-        for scope, sp in self.cells():
-            cell = self.res["cells"].setdefault(f"{scope}@{sp:g}", {"scope": scope, "sparsity": sp})
-            ref = Arm("tiles", "grad") if "grad" in s["scorers"] else arms[0]
-            rates = {"tiles": self.sweep(ref, scope, sp), "lora": self.sweep(Arm("lora"), scope, sp)}
+        for scope, sp in self.screen_cells():
+            rates = self.rates(scope, sp)
+            cell = self.res["cells"][cell_key(scope, sp)]
+            ref = self._ref()
             screen = {}
             for arm in arms:
                 lr = rates[arm.family]["lr"]
                 screen[arm.name] = {"lr": lr, "val_loss": self.run(self.spec(arm, scope, sp, lr))["val_loss"]}
-            cell.update(rates=rates, screen=screen)
+            cell["screen"] = screen
             if "kept_counts" not in cell:  # a resumed study recorded them already
                 self.mask_diagnostics(cell, [a for a in arms if a.family == "tiles"], ref)
             self.save()
-        if "full" not in self.res:
+        if s.get("full", True) and "full" not in self.res:
             scope, sp = self.cells()[0]
             self.res["full"] = self.sweep(Arm("full"), scope, sp)
             self.save()
@@ -352,6 +416,8 @@ class Study:
         (screen validation loss - grad's); decided on validation only."""
         gaps: dict[str, list] = {}
         for cell in self.res["cells"].values():
+            if "screen" not in cell:
+                continue
             g = cell["screen"]["grad"]["val_loss"]
             for name, r in cell["screen"].items():
                 if name not in BASELINES and Arm.parse(name).family == "tiles":
@@ -360,18 +426,20 @@ class Study:
         return ranked[: self.s["leaders"]]
 
     def confirm(self) -> dict:
-        """Leaders and baselines, ``seeds`` seeds in every cell, at the screen's rates;
-        held-out loss per seed."""
-        if not self.res["cells"] or any("screen" not in c for c in self.res["cells"].values()):
+        """Leaders and baselines, ``seeds`` seeds in every cell, at the cell's rates (swept
+        here for a cell the screen did not cover); held-out loss per seed."""
+        if any("screen" not in self.res["cells"].get(cell_key(*c), {}) for c in self.screen_cells()):
             raise RuntimeError("confirm needs a finished screen: run --stage screen first")
         leaders = self.leaders()
         names = leaders + [b for b in BASELINES if b in self.s["scorers"] or b == "lora"]
         out = {"leaders": leaders, "arms": names, "cells": {}}
-        for key, cell in self.res["cells"].items():
+        for scope, sp in self.cells():
+            key, rates = cell_key(scope, sp), self.rates(scope, sp)
             rows = {}
             for name in names:
-                arm, lr = Arm.parse(name), cell["screen"][name]["lr"]
-                recs = [self.run(self.spec(arm, cell["scope"], cell["sparsity"], lr, seed), heldout=True)
+                arm = Arm.parse(name)
+                lr = rates["lora" if arm.family == "lora" else "tiles"]["lr"]
+                recs = [self.run(self.spec(arm, scope, sp, lr, seed), heldout=True)
                         for seed in range(self.s["seeds"])]
                 rows[name] = {"lr": lr, "heldout": [r["heldout_loss"] for r in recs],
                               "val_seed0": recs[0]["val_loss"], "trainable_params": recs[0]["trainable_params"]}
@@ -440,18 +508,27 @@ def estimate_seconds(s: dict, u: dict, done: set, length: int | None, leaders: l
                                      s["pilot_steps"], schedule="constant"), len(pts) * s["n_val"], True)
                         for a in s["pilot_arms"])
     arms = screen_arms(s["scorers"], s["alloc_scorers"])
-    screen = calib * len(s["scopes"])
     cells = [(scope, sp) for scope in s["scopes"] for sp in s["sparsities"]]
-    for scope, sp in cells:
-        g = s["lr_grid"]
-        specs = [RunSpec(Arm("tiles", "grad"), scope, sp, lr, 0, L) for lr in g["tiles"]]
-        specs += [RunSpec(Arm("lora"), scope, sp, lr, 0, L) for lr in g["lora"]]
-        specs += [RunSpec(a, scope, sp, -1.0, 0, L) for a in arms if a.name not in ("grad", "lora")]
+    scells = [parse_cell(c) for c in s["screen_cells"]] if s.get("screen_cells") else cells
+    g = s["lr_grid"]
+
+    def sweeps(scope, sp):
+        return ([RunSpec(Arm("tiles", "grad"), scope, sp, lr, 0, L) for lr in g["tiles"]]
+                + [RunSpec(Arm("lora"), scope, sp, lr, 0, L) for lr in g["lora"]])
+
+    screen = calib * len({scope for scope, _ in scells})
+    for scope, sp in scells:
+        specs = sweeps(scope, sp) + [RunSpec(a, scope, sp, -1.0, 0, L) for a in arms if a.name not in ("grad", "lora")]
         shapes = 2 + sum(a.allocation != "layer" for a in arms)
         screen += sum(cost(x, s["n_val"], False) for x in specs) + (shapes * u["compile_s"] if traced else 0)
-    screen += sum(cost(RunSpec(Arm("full"), "", 0.0, lr, 0, L), s["n_val"] + s["n_heldout"], True)
-                  for lr in s["lr_grid"]["full"])
+    if s.get("full", True):
+        screen += sum(cost(RunSpec(Arm("full"), "", 0.0, lr, 0, L), s["n_val"] + s["n_heldout"], True)
+                      for lr in s["lr_grid"]["full"])
     n_conf = (len(leaders) if leaders else s["leaders"]) + len(BASELINES)
     confirm = len(cells) * n_conf * ((s["seeds"] - 1) * (L * b * u["tiles"] + s["n_val"] * ev)
                                      + s["seeds"] * s["n_heldout"] * ev)
+    for scope, sp in cells:  # a cell the screen did not cover: its sweeps, and the seed-0 runs of the others
+        if (scope, sp) not in scells:
+            confirm += (calib if scope not in {c for c, _ in scells} else 0) + sum(
+                cost(x, s["n_val"], False) for x in sweeps(scope, sp)) + (n_conf - 2) * (L * b * u["tiles"])
     return {"pilot": pilot, "screen": screen, "confirm": confirm}

@@ -123,6 +123,14 @@ def test_stages_select_on_validation_and_resume_identically(tmp_path, fast_compi
         again_loss = study.evaluate(study.kept_params(spec, r1), "heldout")["loss"]
         assert again_loss == pytest.approx(r1["heldout_loss"], rel=1e-5), name
 
+    # the run cache is gone (a new machine; the results file came with the repository): a
+    # run's weights are trained again, checked against the recorded validation loss
+    bare = quality_study.Study(s, tmp_path / "a.json", cache_dir=tmp_path / "empty", load_model=_tiny_model)
+    r1 = next(r for r in res["runs"].values() if r["arm"] == "sylva" and r["seed"] == 1)
+    spec = bare.spec(quality_arms.Arm.parse("sylva"), "self_attn", 0.75, r1["lr"], 1)
+    assert bare.evaluate(bare.kept_params(spec, r1), "heldout")["loss"] == pytest.approx(r1["heldout_loss"], rel=1e-5)
+    assert bare.cache.record(quality_study._stem(spec.key)) is not None and bare.ran == []
+
     # interrupted inside confirm: the file holds the runs finished before, and no confirm
     # summary (it is written after a cell's runs); the rerun trains only the rest, identically
     keys = list(res["runs"])
@@ -161,6 +169,17 @@ def test_verdicts_on_synthetic_numbers():
     assert quality_report.verdict([1.5], [1.6])["verdict"] is None
     with pytest.raises(ValueError, match="same seeds"):
         quality_report.verdict([1.5, 1.6], [1.6])
+
+
+def test_the_plan_can_grow_without_invalidating_finished_runs():
+    s = quality_study.settings_for(False)
+    grown = quality_study.settings_for(False, scopes=["self_attn"], seeds=5, screen_cells=["self_attn@0.99"],
+                                       leaders=1, full=False)
+    assert quality_study.fingerprint(s) == quality_study.fingerprint(grown)
+    assert quality_study.fingerprint(s) != quality_study.fingerprint(quality_study.settings_for(False, max_len=128))
+    assert quality_study.parse_cell("model.layers@0.99") == ("model.layers", 0.99)
+    with pytest.raises(ValueError, match="SCOPE@SPARSITY"):
+        quality_study.settings_for(False, screen_cells=["model.layers"])
 
 
 def test_split_is_disjoint_and_refuses_too_little_data():
