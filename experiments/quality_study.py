@@ -77,9 +77,18 @@ def settings_for(quick: bool = False, **overrides) -> dict:
     s.update({k: v for k, v in overrides.items() if v is not None})
     if s["scorers"] is None:
         s["scorers"] = list(importance.METHODS)
-    for c in s.get("screen_cells") or ():
-        parse_cell(c)  # a clear error now rather than after hours of runs
+    screen_cells_of(s)  # a malformed cell fails now rather than after hours of runs
     return s
+
+
+def cells_of(s: dict) -> list[tuple[str, float]]:
+    """Every (scope, sparsity) cell of the plan."""
+    return [(scope, sp) for scope in s["scopes"] for sp in s["sparsities"]]
+
+
+def screen_cells_of(s: dict) -> list[tuple[str, float]]:
+    """The cells the screen runs in: ``screen_cells`` (``["scope@sparsity", ...]``), else every cell."""
+    return [parse_cell(c) for c in s["screen_cells"]] if s["screen_cells"] else cells_of(s)
 
 
 def fingerprint(settings: dict) -> str:
@@ -360,12 +369,10 @@ class Study:
         return int(self.res["pilot"]["length"])
 
     def cells(self):
-        return [(scope, sp) for scope in self.s["scopes"] for sp in self.s["sparsities"]]
+        return cells_of(self.s)
 
     def screen_cells(self):
-        """The cells the screen runs in: ``screen_cells`` (``["scope@sparsity", ...]``), else every cell."""
-        given = self.s.get("screen_cells")
-        return [parse_cell(c) for c in given] if given else self.cells()
+        return screen_cells_of(self.s)
 
     def _ref(self) -> Arm:
         return Arm("tiles", "grad") if "grad" in self.s["scorers"] else Arm("tiles", self.s["scorers"][0])
@@ -396,7 +403,7 @@ class Study:
             if "kept_counts" not in cell:  # a resumed study recorded them already
                 self.mask_diagnostics(cell, [a for a in arms if a.family == "tiles"], ref)
             self.save()
-        if s.get("full", True) and "full" not in self.res:
+        if s["full"] and "full" not in self.res:
             scope, sp = self.cells()[0]
             self.res["full"] = self.sweep(Arm("full"), scope, sp)
             self.save()
@@ -508,8 +515,7 @@ def estimate_seconds(s: dict, u: dict, done: set, length: int | None, leaders: l
                                      s["pilot_steps"], schedule="constant"), len(pts) * s["n_val"], True)
                         for a in s["pilot_arms"])
     arms = screen_arms(s["scorers"], s["alloc_scorers"])
-    cells = [(scope, sp) for scope in s["scopes"] for sp in s["sparsities"]]
-    scells = [parse_cell(c) for c in s["screen_cells"]] if s.get("screen_cells") else cells
+    cells, scells = cells_of(s), screen_cells_of(s)
     g = s["lr_grid"]
 
     def sweeps(scope, sp):
@@ -521,7 +527,7 @@ def estimate_seconds(s: dict, u: dict, done: set, length: int | None, leaders: l
         specs = sweeps(scope, sp) + [RunSpec(a, scope, sp, -1.0, 0, L) for a in arms if a.name not in ("grad", "lora")]
         shapes = 2 + sum(a.allocation != "layer" for a in arms)
         screen += sum(cost(x, s["n_val"], False) for x in specs) + (shapes * u["compile_s"] if traced else 0)
-    if s.get("full", True):
+    if s["full"]:
         screen += sum(cost(RunSpec(Arm("full"), "", 0.0, lr, 0, L), s["n_val"] + s["n_heldout"], True)
                       for lr in s["lr_grid"]["full"])
     n_conf = (len(leaders) if leaders else s["leaders"]) + len(BASELINES)
