@@ -69,7 +69,8 @@ def _ocp():
 
 def checkpoint_manager(directory: str | os.PathLike, *, max_to_keep: int | None = 2,
                        save_every: int = 1, best_metric: str | None = None,
-                       best_mode: str = "max", async_save: bool = True):
+                       best_mode: str = "max", async_save: bool = True,
+                       barrier_prefix: str | None = None):
     """An ``ocp.CheckpointManager`` for :func:`save_state` / :func:`restore_state`.
 
     max_to_keep: checkpoints kept (the oldest, or with ``best_metric`` the worst, are
@@ -79,6 +80,11 @@ def checkpoint_manager(directory: str | os.PathLike, *, max_to_keep: int | None 
     best_metric, best_mode: keep-best: rank checkpoints by ``metrics[best_metric]``
       (``"max"`` or ``"min"``) instead of recency.
     async_save: write in a background thread (call ``wait_until_finished``/``close``).
+    barrier_prefix: the prefix of this manager's multi-host barrier names. Orbax names its
+      barriers by step (``async_write_complete.<step>...``), so two managers of one job that
+      save the same step at once (the resume and the best checkpoint after an evaluation)
+      must have different prefixes, or the coordination service refuses the second
+      ("Barrier ... is already ongoing") and the job dies. ``None``: Orbax's default.
     """
     ocp = _ocp()
     if best_mode not in ("max", "min"):
@@ -92,7 +98,8 @@ def checkpoint_manager(directory: str | os.PathLike, *, max_to_keep: int | None 
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep, save_interval_steps=int(save_every), best_fn=best_fn,
         best_mode=best_mode, keep_checkpoints_without_metrics=False if best_fn else True,
-        enable_async_checkpointing=bool(async_save), create=True)
+        enable_async_checkpointing=bool(async_save), create=True,
+        multiprocessing_options=ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=barrier_prefix))
     return ocp.CheckpointManager(Path(directory).absolute(), options=options,
                                  item_names=("state", "extra"))
 
@@ -225,10 +232,11 @@ class RunCheckpoints:
         if self.save_every < 1:
             raise ValueError(f"save_every must be a positive number of steps, got {save_every}")
         self.latest = checkpoint_manager(self.directory / "latest", max_to_keep=keep,
-                                         save_every=save_every, async_save=async_save)
+                                         save_every=save_every, async_save=async_save,
+                                         barrier_prefix="sylva_latest")
         self.best = checkpoint_manager(self.directory / "best", max_to_keep=keep_best,
                                        best_metric=best_metric, best_mode=best_mode,
-                                       async_save=async_save)
+                                       async_save=async_save, barrier_prefix="sylva_best")
 
     def save(self, step: int, state: Any, extra: Mapping[str, Any] | None = None, *,
              force: bool = True) -> bool:

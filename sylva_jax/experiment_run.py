@@ -466,4 +466,5 @@ def _execute(cfg: ExperimentConfig, stack: contextlib.ExitStack) -> dict[str, An
     summary.update(export(cfg, run, devices, built, ckpts, outcome, tok))
     summary.update(status=outcome.status, wall_time_s=time.perf_counter() - t_start, stage_times_s=times)
     _close(cfg, run, devices, summary)
+    _barrier("sylva_run_end")  # every process returns once process 0's outputs are written
     return summary

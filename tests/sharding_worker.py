@@ -16,6 +16,7 @@ import hashlib
 import json
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -228,9 +229,35 @@ def run_dist(out_path, coordinator, nproc, pid):
     err = max(float(np.max(np.abs(full[k].astype(np.float64) - ref[k]))) for k in ref)
     out = {"process": int(pid), "rows": [rows.start, rows.stop], "digest": digest.hexdigest(),
            "weight_abs_err": err, "update_max": upd, "losses": losses, "ref_losses": ref_losses}
+    out.update(checkpoint_round_trip(st, Path(out_path).parent / "ckpt", full))
     with open(out_path, "w") as f:
         json.dump(out, f)
     jax.distributed.shutdown()
+
+
+def checkpoint_round_trip(state, directory, full) -> dict:
+    """The training loop's checkpoint pattern after each evaluation, on a sharded multi-host
+    state: the best and the resume checkpoint of the same step, saved asynchronously back to
+    back (their two Orbax managers then run same-step barriers at once), for several steps;
+    then the best one restored and gathered. ``full``: the gathered weights it must equal."""
+    import jax
+    from jax.experimental import multihost_utils
+
+    from sylva_jax import checkpoint as ckpt_lib
+    from sylva_jax import tree as tree_lib
+
+    ck = ckpt_lib.RunCheckpoints(directory, keep=2)
+    best = 3
+    for step in range(1, 7):
+        s = state if step == best else state.replace(params=jax.tree.map(lambda w: w * 0 + step, state.params))
+        ck.save_best(step, s, {"mmlu": 1.0 if step == best else 0.1 * step})
+        ck.save(step, s, {"step": step})
+    ck.wait()
+    restored = ck.restore_best(state)
+    got = tree_lib.flatten(jax.tree.map(np.asarray, multihost_utils.process_allgather(restored.params, tiled=True)))
+    steps = {"ckpt_best_step": ck.best_step, "ckpt_latest_step": ck.latest_step}
+    ck.close()
+    return {**steps, "ckpt_restored_max_err": max(float(np.max(np.abs(got[k] - full[k]))) for k in full)}
 
 
 if __name__ == "__main__":

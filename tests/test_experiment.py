@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import numpy as np
+import procs
 import pytest
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -159,17 +160,10 @@ def test_two_host_fsdp_run_matches_one_device(tiny_model_dir, straight_run, tmp_
         args = _tiny_args(tiny_model_dir, out, "--per_device_train_batch_size", "1",
                           "--gradient_accumulation_steps", "1", "--mesh_fsdp", "2",
                           "--coordinator", coord, "--num_processes", "2", *extra)
-        procs = [subprocess.Popen([sys.executable, script, *args, "--process_id", str(i)], env=env,
-                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-                 for i in range(2)]
-        try:
-            logs = [p.communicate(timeout=600)[0] for p in procs]
-        finally:
-            for p in procs:
-                if p.poll() is None:
-                    p.kill()
-        for p, log in zip(procs, logs):
-            assert p.returncode == 0, log[-4000:]
+        rcs, logs = procs.run_together(
+            [([sys.executable, script, *args, "--process_id", str(i)], env) for i in range(2)],
+            tmp_path / "logs", timeout=600)
+        assert rcs == [0, 0], procs.report(rcs, logs)
         return logs
 
     logs = launch()

@@ -23,11 +23,11 @@ from __future__ import annotations
 import json
 import os
 import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+import procs
 import pytest
 
 from sylva_jax import sharding
@@ -61,28 +61,18 @@ def workers(tmp_path_factory):
     cmds = [([sys.executable, str(WORKER), "mesh", str(mesh_out)], _env(8))] + [
         ([sys.executable, str(WORKER), "dist", str(dist_out[i]), coord, "2", str(i)], _env(2))
         for i in range(2)]
-    procs = [subprocess.Popen(c, env=e, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for c, e in cmds]
-    logs = []
-    try:
-        for p in procs:
-            logs.append(p.communicate(timeout=900)[0])
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    result = {"mesh": None, "dist": None, "logs": logs}
-    if procs[0].returncode == 0:
+    rcs, logs = procs.run_together(cmds, tmp / "logs", timeout=900)
+    result = {"mesh": None, "dist": None, "logs": logs, "returncodes": rcs}
+    if rcs[0] == 0:
         result["mesh"] = json.loads(mesh_out.read_text())
-    if all(p.returncode == 0 for p in procs[1:]):
+    if all(rc == 0 for rc in rcs[1:]):
         result["dist"] = [json.loads(o.read_text()) for o in dist_out]
-    result["returncodes"] = [p.returncode for p in procs]
     return result
 
 
 @pytest.fixture(scope="module")
 def mesh_report(workers):
-    assert workers["mesh"] is not None, workers["logs"][0][-4000:]
+    assert workers["mesh"] is not None, procs.report(workers["returncodes"][:1], workers["logs"][:1], 4000)
     return workers["mesh"]
 
 
@@ -113,8 +103,11 @@ def test_training_on_mesh(mesh_report, mesh, method):
 
 def test_two_processes_jax_distributed(workers):
     """Two processes x 2 CPU devices (gloo), a data=2 x fsdp=2 mesh across them, each process
-    feeding only its own rows: identical final weights on both, equal to one device."""
-    assert workers["dist"] is not None, "\n".join(log[-3000:] for log in workers["logs"][1:])
+    feeding only its own rows: identical final weights on both, equal to one device. Then
+    the run's checkpoint pattern on that sharded state: after each of 6 "evaluations" the
+    best and the resume checkpoint of the same step, saved asynchronously back to back (two
+    Orbax managers with same-step barriers in flight at once), and the best one restored."""
+    assert workers["dist"] is not None, procs.report(workers["returncodes"][1:], workers["logs"][1:])
     r0, r1 = workers["dist"]
     assert r0["rows"] == [0, 4] and r1["rows"] == [4, 8]  # each host read its own half
     assert r0["digest"] == r1["digest"]  # bit-identical weights on both processes
@@ -122,6 +115,8 @@ def test_two_processes_jax_distributed(workers):
         np.testing.assert_allclose(r["losses"], r["ref_losses"], rtol=1e-6)
         assert r["weight_abs_err"] < 2e-2 * LR
         assert r["update_max"] > 0.5 * LR
+        assert r["ckpt_best_step"] == 3 and r["ckpt_latest_step"] == 6
+        assert r["ckpt_restored_max_err"] == 0.0  # the best step's weights, bit for bit
 
 
 # ---- rules (in-process, no devices needed) -------------------------------------------
