@@ -66,8 +66,30 @@ def _matrix_view(path: str, shape, views) -> tuple[int, int]:
     return v
 
 
+class _Static:
+    """A pytree node without leaves, the whole object its static aux data: it passes
+    through ``jax.jit`` as a compile-time constant, and two are equal (and hash alike,
+    one compile) when their ``_digest`` (a hash of everything they hold) is."""
+
+    _digest: str
+
+    def tree_flatten(self):
+        return (), self
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        del children
+        return aux
+
+    def __hash__(self):
+        return hash(self._digest)
+
+    def __eq__(self, other):
+        return type(other) is type(self) and other._digest == self._digest
+
+
 @jax.tree_util.register_pytree_node_class
-class TileLayout:
+class TileLayout(_Static):
     """A Sylva adapter without its coordinates: what a compiled step depends on.
 
     Per adapted weight path: the stored shape, its matrix view and the NUMBER ``k`` of
@@ -105,21 +127,6 @@ class TileLayout:
     def of(cls, adapter: "Adapter") -> "TileLayout":
         """The layout of ``adapter`` (same paths, shapes and per-weight counts)."""
         return adapter.tile_layout
-
-    # -- pytree / hashing ---------------------------------------------------------------
-    def tree_flatten(self):
-        return (), self
-
-    @classmethod
-    def tree_unflatten(cls, aux, children):
-        del children
-        return aux
-
-    def __hash__(self):
-        return hash(self._digest)
-
-    def __eq__(self, other):
-        return isinstance(other, TileLayout) and other._digest == self._digest
 
     def __repr__(self):
         return (f"TileLayout({len(self._counts)} weights, {self.num_tiles} tiles of "
@@ -364,7 +371,7 @@ class TileLayout:
 
 
 @jax.tree_util.register_pytree_node_class
-class Adapter:
+class Adapter(_Static):
     """Static description of the trainable tiles of a model: a :class:`TileLayout` and
     its coordinates, fixed.
 
@@ -406,21 +413,6 @@ class Adapter:
         tl = self._tiles
         self._digest = _digest(tl.block_size, layout, tl.shapes, tl._views,
                                lambda p: (c[p][0].tobytes(), c[p][1].tobytes()))
-
-    # -- pytree / hashing ---------------------------------------------------------------
-    def tree_flatten(self):
-        return (), self
-
-    @classmethod
-    def tree_unflatten(cls, aux, children):
-        del children
-        return aux
-
-    def __hash__(self):
-        return hash(self._digest)
-
-    def __eq__(self, other):
-        return isinstance(other, Adapter) and other._digest == self._digest
 
     def __repr__(self):
         return (f"Adapter({len(self._coords)} weights, {self.num_tiles} tiles of "
