@@ -131,12 +131,16 @@ def tiles_of(params, masks: Mapping[str, np.ndarray], bs: int) -> dict[str, np.n
 
 
 def with_tiles(params, masks: Mapping[str, np.ndarray], tiles: Mapping[str, np.ndarray], bs: int):
-    """``params`` with the tiles of :func:`tiles_of` written back (host copies)."""
-    flat = {k: np.array(v) for k, v in tree_lib.flatten(params).items()}
-    for n, m in masks.items():
-        for t, (r, c) in zip(tiles[n], zip(*np.nonzero(m))):
-            flat[n][r * bs:(r + 1) * bs, c * bs:(c + 1) * bs] = t
-    return tree_lib.unflatten(flat)
+    """``params`` (its tree structure kept exactly) with the tiles of :func:`tiles_of`
+    written back, as host copies."""
+    def put(name, w):
+        w = np.array(w)
+        if name in masks:
+            for t, (r, c) in zip(tiles[name], zip(*np.nonzero(masks[name]))):
+                w[r * bs:(r + 1) * bs, c * bs:(c + 1) * bs] = t
+        return w
+
+    return tree_lib.map_flat(put, params)
 
 
 # ------------------------------------------------------------------ training

@@ -239,3 +239,28 @@ def test_one_calibration_pass_gives_every_scorers_masks(fast_compiles):
         assert set(m) == set(st.layers) and sum(int(v.sum()) for v in m.values()) > 0, arm.name
         if arm.allocation == "layer":  # per-layer top-k: a quarter of each layer's tiles
             assert all(int(v.sum()) == round(0.25 * v.size) for v in m.values()), arm.name
+
+
+def test_tiles_round_trip_keeps_the_params_structure():
+    """A run's kept tiles written back give the trained weights in the params' own tree
+    structure (int layer keys, 12 layers: a string-keyed rebuild would reorder them)."""
+    import jax
+    from tiny import tiny_split
+
+    from sylva_jax import tree as tree_lib
+
+    _, params = tiny_split(num_hidden_layers=12)
+    flat = tree_lib.flatten(params)
+    masks = {"model.layers.10.mlp.up_proj.weight": np.array([[True], [False]]),
+             "model.layers.2.mlp.gate_proj.weight": np.array([[False], [True]])}
+    trained = {n: np.asarray(w) + (1.0 if n in masks else 0.0) for n, w in flat.items()}
+    tiles = quality_arms.tiles_of(tree_lib.unflatten(trained), masks, 64)
+    back = quality_arms.with_tiles(params, masks, tiles, 64)
+    assert jax.tree.structure(back) == jax.tree.structure(params)
+    out = tree_lib.flatten(back)
+    for n, m in masks.items():
+        r = int(np.nonzero(m)[0][0])
+        np.testing.assert_array_equal(out[n][r * 64:(r + 1) * 64], np.asarray(flat[n])[r * 64:(r + 1) * 64] + 1.0)
+        np.testing.assert_array_equal(np.delete(out[n], np.s_[r * 64:(r + 1) * 64], 0),
+                                      np.delete(np.asarray(flat[n]), np.s_[r * 64:(r + 1) * 64], 0))
+    assert all(np.array_equal(out[n], np.asarray(flat[n])) for n in flat if n not in masks)

@@ -440,3 +440,20 @@ def test_loss_with_fused_head_matches_the_logits_path(tied):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6, err_msg=name)
     with pytest.raises(ValueError, match="needs labels"):
         loss(graphdef, params, ids, mask)
+
+
+def test_string_keyed_layers_merge_into_the_right_layers():
+    """Params that went through names (``tree.unflatten``: layer keys ``"0"``...``"11"``)
+    are the same model as :func:`split`'s int-keyed ones: with 12 layers the string order
+    ("10" before "2") would otherwise put layer 10's weights into layer 2 without an error."""
+    from tiny import tiny_split
+
+    graphdef, params = tiny_split(num_hidden_layers=12)
+    named = tree.unflatten(tree.flatten(params))
+    assert "10" in named["model"]["layers"] and 10 in params["model"]["layers"]
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, 256, (2, 16)))
+    want = np.asarray(apply(graphdef, params, ids))
+    np.testing.assert_array_equal(np.asarray(apply(graphdef, named, ids)), want)
+    # and the scrambling it prevents is real: the same leaves in string order differ
+    scrambled = jax.tree.unflatten(jax.tree.structure(params), jax.tree.leaves(named))
+    assert np.abs(np.asarray(apply(graphdef, scrambled, ids)) - want).max() > 1e-3

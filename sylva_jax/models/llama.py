@@ -785,9 +785,24 @@ def split(model: LlamaForCausalLM):
     return graphdef, params
 
 
+def _int_keys(tree):
+    """``tree`` with every all-digit string key of its dicts made an ``int``.
+
+    :func:`split` keys the decoder layers ``0, 1, ...`` (ints). A params dict that went
+    through names (``tree.unflatten``, JSON, a checkpoint's string keys) has ``"0", "1",
+    ...`` instead, and NNX would pair its leaves with the graph in *string* order
+    (``"10"`` before ``"2"``): layer 10's weights in layer 2, silently. Made ints again the
+    keys sort by number and such a tree merges into the right layers."""
+    if isinstance(tree, Mapping):
+        return {(int(k) if isinstance(k, str) and k.isdigit() else k): _int_keys(v) for k, v in tree.items()}
+    return tree
+
+
 def merge(graphdef, params) -> LlamaForCausalLM:
-    """Inverse of :func:`split` (no copy of the arrays)."""
-    return nnx.merge(graphdef, params)
+    """Inverse of :func:`split` (no copy of the arrays). ``params`` may key the layers by
+    ``int`` (as :func:`split` returns) or by digit strings (``"0"``, as
+    :func:`sylva_jax.tree.unflatten` returns); both give the same model."""
+    return nnx.merge(graphdef, _int_keys(params))
 
 
 def apply(graphdef, params, input_ids, attention_mask=None, *, linear_fn: LinearFn | None = None,
