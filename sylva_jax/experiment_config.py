@@ -20,7 +20,7 @@ import types
 import typing
 from typing import Any, Callable, Iterable
 
-from sylva_jax.names import MASK_SCORERS, TRAIN_METHODS
+from sylva_jax.names import DEFAULT_SCORER, MASK_SCORERS, TRAIN_METHODS
 
 __all__ = ["ExperimentError", "ExperimentConfig", "BASE", "PRESETS", "DEFAULT_MODEL", "setting",
            "build_parser", "resolve_config", "check_config", "config_from"]
@@ -128,7 +128,8 @@ class ExperimentConfig:
                                          check=accuracy)
     method: str = setting("sylva", "sylva (sparse embedded tiles), lora, or full fine-tuning",
                           choices=TRAIN_METHODS)
-    mask_method: str = setting("sylva", "tile scorer for sylva (docs/algorithm.md §4): " + ", ".join(MASK_SCORERS),
+    mask_method: str = setting(DEFAULT_SCORER, "tile scorer for sylva (docs/algorithm.md §4; tile_newton: the best "
+                               "measured, docs/quality.md; sylva: the published score): " + ", ".join(MASK_SCORERS),
                                choices=MASK_SCORERS)
     factor: str = setting("mean", "Sylva factor statistics: mean (token-mean, published) or tokens "
                                   "(per-token K-FAC)", choices=("mean", "tokens"))
@@ -203,7 +204,7 @@ PRESETS: dict[str, ExperimentConfig] = {
         max_seq_len=512, per_device_train_batch_size=1, gradient_accumulation_steps=16,
         learning_rate=2e-4, scheduler="linear", num_warmup_steps=100, max_steps=866,
         preprocess_num_samples=128, num_partition=8, sparsity=0.95, block_size=64,
-        scope="self_attn", dtype="bfloat16", mmlu_shots=5, mmlu_limit=None,
+        scope="self_attn", mask_method="sylva", dtype="bfloat16", mmlu_shots=5, mmlu_limit=None,
         mmlu_max_len=2048, eval_interval=200, target_score=0.38, eval_batch_size=4,
         output_dir="runs/paper"),
     # The same Sylva settings on the embedded SmolLM2-135M, sized for about 15 minutes on a

@@ -26,6 +26,7 @@ from sylva_jax import capture
 from sylva_jax import masks as masks_lib
 from sylva_jax.allocation import ALLOCATIONS, kept_counts, num_kept
 from sylva_jax.allocation import check_sparsity as _check_sparsity
+from sylva_jax.names import DEFAULT_SCORER
 from sylva_jax.scorers import SCORERS, Settings
 from sylva_jax.statistics import LayerStats, Stats
 
@@ -182,11 +183,13 @@ def _preprocess_kw(method: str, given: Mapping[str, Any]) -> dict:
 
 
 def compute_masks(model, batches, *, scope, sparsity: float, block_size: int = 64,
-                  method: str = "sylva", seed: int = 0, damping: float | None = None,
+                  method: str = DEFAULT_SCORER, seed: int = 0, damping: float | None = None,
                   allocation: str = "layer", scorer_kwargs: Mapping[str, Any] | None = None,
                   **preprocess_kw) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """Pre-processing and mask selection in one call.
 
+    ``method``: the tile scorer, default :data:`sylva_jax.names.DEFAULT_SCORER`
+    (``tile_newton``, the best measured; ``"sylva"`` is the published score).
     Returns ``(masks, report)``; ``report`` is :func:`sylva_jax.masks.mask_report` plus the
     method, the settings, the per-layer kept counts (``kept``) and wall times (``seconds``:
     ``preprocess``, ``select``). ``magnitude`` and ``random`` skip the calibration passes

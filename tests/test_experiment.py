@@ -14,6 +14,8 @@ import numpy as np
 import procs
 import pytest
 
+from sylva_jax.names import DEFAULT_SCORER
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_DATA = os.path.join(REPO_ROOT, "..", "shared", "data")
 
@@ -176,8 +178,8 @@ def test_two_host_fsdp_run_matches_one_device(tiny_model_dir, straight_run, tmp_
     got = _losses(out)
     assert [st for st, _ in got] == [st for st, _ in ref] == [1, 2, 3, 4]
     np.testing.assert_allclose([l for _, l in got], [l for _, l in ref], rtol=1e-5)
-    m_ref, _ = masks_lib.load_masks(straight_run / "masks" / "masks-sylva.safetensors")
-    m_got, _ = masks_lib.load_masks(out / "masks" / "masks-sylva.safetensors")
+    m_ref, _ = masks_lib.load_masks(straight_run / "masks" / f"masks-{DEFAULT_SCORER}.safetensors")
+    m_got, _ = masks_lib.load_masks(out / "masks" / f"masks-{DEFAULT_SCORER}.safetensors")
     assert sorted(m_ref) == sorted(m_got)
     assert all(np.array_equal(m_ref[k], m_got[k]) for k in m_ref)
     assert (out / "adapter").exists() and (out / "summary.json").exists()
@@ -486,3 +488,17 @@ def test_failed_export_write_is_an_error_and_a_relaunch_exports(tiny_model_dir, 
     s = _summary(out)
     assert s["status"] == "finished" and [r["action"] for r in s["restarts"]] == ["resume"]
     assert (out / "merged" / "config.json").exists() and (out / "peft_adapter").is_dir()
+
+
+def test_default_scorer_is_the_measured_best_and_paper_keeps_the_published():
+    """The experiment and compute_masks default to names.DEFAULT_SCORER (docs/quality.md);
+    the paper preset reproduces the published run, so it keeps Sylva's score."""
+    import inspect
+
+    from sylva_jax import importance
+    from sylva_jax.experiment_config import PRESETS
+
+    assert DEFAULT_SCORER in importance.METHODS
+    assert inspect.signature(importance.compute_masks).parameters["method"].default == DEFAULT_SCORER
+    assert PRESETS["default"].mask_method == PRESETS["smoke"].mask_method == DEFAULT_SCORER
+    assert PRESETS["paper"].mask_method == "sylva"
