@@ -53,7 +53,7 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-from sylva_jax import methods, optim
+from sylva_jax import host_memory, methods, optim
 from sylva_jax.losses import IGNORE_INDEX, lm_loss
 from sylva_jax.methods import Method
 
@@ -378,7 +378,9 @@ class Trainer:
       -> TrainState`` (``lora`` / ``extras``: given extras, e.g. LoRA factors or traced tile
       coordinates, instead of fresh ones; ``learning_rate``: the traced peak rate); also sets
       ``num_trainable``.
-    step, grads: the jitted :class:`TrainStep` functions (``step`` checks the batch).
+    step, grads: the jitted :class:`TrainStep` functions (``step`` checks the batch, and
+      compiles each new batch signature ahead of running it with the compiler's freed host
+      heap handed back in between: :func:`sylva_jax.host_memory.compile_then_release`).
     logits: ``(state, input_ids, attention_mask=None, positions=None)`` -> ``[B, T, V]``, or
       ``[B, V]`` at ``positions [B]`` (the LM head then runs only there when ``apply_fn``
       takes ``logits_at=``); the method's evaluation forward.
@@ -643,6 +645,7 @@ def _trainer(core: TrainStep, apply: Callable, model_params: Any, *, accum_mode:
     """The :class:`Trainer` of ``core``: jitted (state donated), batches checked."""
     k, spec = core.accum_steps, core.method
     jit_step = jax.jit(core.step, donate_argnums=(0,) if donate else ())
+    run_step = host_memory.compile_then_release(jit_step)  # the compiler's heap freed before step 1
     jit_grads = jax.jit(core.grads)
     jit_logits = jax.jit(_logits_fn(apply, spec))
 
@@ -670,8 +673,8 @@ def _trainer(core: TrainStep, apply: Callable, model_params: Any, *, accum_mode:
 
     trainer = Trainer(
         method=spec.name, init=init,
-        step=(_loop_step(core, jit_step, donate, accum_reduction) if accum_mode == "loop"
-              else lambda state, batch: jit_step(state, _check_batch(batch, k))),
+        step=(_loop_step(core, run_step, donate, accum_reduction) if accum_mode == "loop"
+              else lambda state, batch: run_step(state, _check_batch(batch, k))),
         logits=jit_logits, eval_loss=eval_loss,
         grads=lambda state, batch: jit_grads(state, _check_batch(batch, k)),
         schedule=core.schedule, accum_steps=k, accum_mode=accum_mode, step_fn=jit_step, core=core,
