@@ -11,7 +11,9 @@ head 576->49152) and ``T`` tokens, the three products of a linear layer ``y = x 
 
 Arms: ``jax`` (a jitted ``lax.dot_general`` in the layout above, XLA's default options)
 and ``torch`` (``F.linear`` / ``mm`` on transposed views, as autograd calls them), float32,
-on random inputs. Each (product, arm) is warmed up, then all are interleaved round-robin
+on random inputs; for ``weight_grad`` also two rewrites of the same product, ``jax_dyT``
+(``dy^T`` materialised, then ``[out, T] x [T, in]``) and ``jax_xTdy`` (``(x^T dy)^T``), each
+transpose kept by an optimisation barrier so XLA cannot fold it back. Each (product, arm) is warmed up, then all are interleaved round-robin
 (``--rounds``, each timing ``reps`` calls); reported per product: the median seconds and
 GFLOP/s of each arm, ``jax_over_torch`` (ratio of the medians), the largest relative
 difference of the two results, and per kind the time that a SmolLM2 step (``--layers``
@@ -65,6 +67,10 @@ def jax_product(kind):
     return jax.jit(lambda a, b: jax.lax.dot_general(a, b, _DIMS[kind]))
 
 
+_barrier = jax.lax.optimization_barrier
+WEIGHT_GRAD_REWRITES = {"jax_dyT": lambda dy, x: _barrier(dy.T) @ x, "jax_xTdy": lambda dy, x: (_barrier(x.T) @ dy).T}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tokens", type=int, default=512)
@@ -89,12 +95,15 @@ def main(argv=None):
             jf = jax_product(kind)
             arms = {"jax": lambda jf=jf, ja=ja, jb=jb: jf(ja, jb).block_until_ready(),
                     "torch": torch_product(kind, ta, tb)}
+            if kind == "weight_grad":
+                for arm, fn in WEIGHT_GRAD_REWRITES.items():
+                    arms[arm] = lambda g=jax.jit(fn), ja=ja, jb=jb: g(ja, jb).block_until_ready()
             ref = np.asarray(arms["torch"]().numpy(), np.float64)
-            got = np.asarray(jf(ja, jb), np.float64)
+            got = np.stack([np.asarray(f(), np.float64) for arm, f in arms.items() if arm != "torch"])
             flops = 2.0 * args.tokens * n_in * n_out
             cases[f"{name}:{kind}"] = {
                 "linear": name, "kind": kind, "in": n_in, "out": n_out, "uses_per_layer": uses, "flops": flops,
-                "reps": max(1, int(args.flops_per_rep / flops)), "arms": arms, "times": {"jax": [], "torch": []},
+                "reps": max(1, int(args.flops_per_rep / flops)), "arms": arms, "times": {arm: [] for arm in arms},
                 "max_rel_diff": float(np.abs(got - ref).max() / max(np.abs(ref).max(), 1e-30))}
     for c in cases.values():  # warm-up
         for f in c["arms"].values():

@@ -1,5 +1,5 @@
-"""experiments/bench_dots.py runs end to end at a few tokens: both arms compute the same
-products, the ratios are the medians' ratios, and the step totals add up the products."""
+"""experiments/bench_dots.py runs end to end at a few tokens: every arm computes the same
+product (the weight-gradient rewrites included), the ratios are the medians' ratios, and the step totals add up the products."""
 from __future__ import annotations
 
 import json
@@ -21,6 +21,8 @@ def test_bench_dots_smoke(tmp_path):
     assert len(res["cases"]) == 15 and {c["kind"] for c in res["cases"]} == {"forward", "input_grad", "weight_grad"}
     for c in res["cases"]:
         assert c["max_rel_diff"] < 1e-4, c  # float32 products of the same operands
+        want_arms = {"jax", "torch"} | ({"jax_dyT", "jax_xTdy"} if c["kind"] == "weight_grad" else set())
+        assert set(c["median_s"]) == want_arms
         assert abs(c["jax_over_torch"] - c["median_s"]["jax"] / c["median_s"]["torch"]) < 1e-12
     fwd = [c for c in res["cases"] if c["kind"] == "forward"]
     uses = {"q_proj/o_proj": 2, "k_proj/v_proj": 2, "gate_proj/up_proj": 2, "down_proj": 1, "lm_head": 0}
